@@ -1,0 +1,208 @@
+"""Job spec: what to process (inputs, output) and how (model, tiling, detection, merge).
+
+Every model is ``frozen=True, extra="forbid"``: a misspelt YAML key fails loudly, and
+:func:`load_job` reports *all* errors at once, each with its field path
+(``tiling.overlap: Input should be less than ...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import JobSpecError
+
+Backbone = Literal["resnet18_fpn", "resnet50_fpn", "resnet50_fpn_v2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(_Strict):
+    """How to detect: the network, its classes and its inference knobs."""
+
+    kind: Literal["retinanet", "threshold"] = Field(
+        "retinanet",
+        description="'retinanet' (torchvision RetinaNet) or 'threshold', a deterministic "
+        "reference detector that boxes bright blobs; used to validate tiling and "
+        "georeferencing, it learns nothing.",
+    )
+    name: str = Field("retinanet", description="Human name; part of model_id.")
+    backbone: Backbone = "resnet18_fpn"
+    classes: list[str] = Field(["object"], min_length=1, description="Class names, by id.")
+    checkpoint: str | None = Field(
+        None, description="Path or fsspec URI of a state dict (.pt/.pth or .safetensors)."
+    )
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    score_threshold: float = Field(0.05, ge=0.0, le=1.0)
+    nms_threshold: float = Field(0.5, gt=0.0, le=1.0, description="NMS IoU within a tile.")
+    topk_candidates: int = Field(1000, gt=0, description="Candidates per pyramid level.")
+    detections_per_tile: int = Field(1000, gt=0)
+    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], min_length=5, max_length=5)
+    aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+    threshold_level: int = Field(
+        200, ge=1, le=255, description="kind=threshold: pixel level that counts as object."
+    )
+    threshold_min_pixels: int = Field(16, ge=1, description="kind=threshold: smallest blob.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class TilingSettings(_Strict):
+    """How scenes are cut into tiles and scaled to the model's uint8 input."""
+
+    tile_size: int = Field(512, ge=32, le=8192, description="Tile side in pixels.")
+    overlap: int = Field(
+        64, ge=0, description="Pixels shared by neighbouring tiles; >= the largest object."
+    )
+    bands: list[int] | None = Field(
+        None, description="1-based band indexes, e.g. [4, 3, 2]; default: first 3 (or 1)."
+    )
+    scale_range: tuple[float, float] | None = Field(
+        None, description="Input values mapped linearly onto 0..255; default: dtype's range."
+    )
+    tiles_per_read_task: int = Field(16, ge=1, description="Tiles one open dataset serves.")
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> TilingSettings:
+        if self.overlap >= self.tile_size // 2:
+            raise ValueError(
+                f"overlap ({self.overlap}) must be less than half of tile_size ({self.tile_size})"
+            )
+        return self
+
+
+class DetectSettings(_Strict):
+    """Where and how fast inference runs."""
+
+    batch_size: int = Field(4, ge=1)
+    num_actors: int = Field(1, ge=1, description="Detector actors in the pool.")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")
+    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU inference threads per actor; default: all cores."
+    )
+
+
+class MergeSettings(_Strict):
+    """How cross-tile duplicates are removed."""
+
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    edge_tolerance: float = Field(
+        2.0, ge=0.0, description="Pixels from an inner tile edge within which a box is cut."
+    )
+    min_valid_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Boxes with less of their area on valid pixels drop."
+    )
+
+
+class OutputSettings(_Strict):
+    path: str = Field(..., description="Directory or fsspec URI for GeoParquet + ledger.")
+    crs: str = Field("OGC:CRS84", description="CRS of the geometry column, for every scene.")
+    row_group_size: int = Field(10_000, ge=100)
+
+
+class JobSpec(_Strict):
+    """One job file: inputs, model, tiling, detection, merge and output settings."""
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
+    inputs: list[str] = Field(..., min_length=1, description="Paths or fsspec globs.")
+    model: ModelSettings = ModelSettings()
+    tiling: TilingSettings = TilingSettings()
+    detect: DetectSettings = DetectSettings()
+    merge: MergeSettings = MergeSettings()
+    output: OutputSettings
+
+    def settings_hash(self) -> str:
+        """Hash of every setting that changes results (not where they are written or how fast)."""
+        relevant = {
+            "model": self.model.model_dump(),
+            "tiling": self.tiling.model_dump(exclude={"tiles_per_read_task"}),
+            "merge": self.merge.model_dump(),
+            "crs": self.output.crs,
+        }
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {item['msg']}")
+    return lines
+
+
+def parse_job(data: Any, source: str = "<job>") -> JobSpec:
+    """Validate a job mapping; raise :class:`JobSpecError` listing every bad field."""
+    if not isinstance(data, dict):
+        raise JobSpecError(source, ["(top level): a job file must be a mapping"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise JobSpecError(source, _format_errors(error)) from None
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a job YAML (safe loader: no tags, no code) and validate it.
+
+    A relative ``output.path`` or input path is taken relative to the job file's folder, so
+    a job file means the same thing wherever it is run from.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise JobSpecError(str(path), [f"(file): cannot read: {error}"]) from None
+    except yaml.YAMLError as error:
+        raise JobSpecError(str(path), [f"(yaml): {error}"]) from None
+    if isinstance(data, dict):
+        data = _resolve_relative_paths(data, path.parent)
+        for key, value in (overrides or {}).items():
+            data[key] = value
+    return parse_job(data, str(path))
+
+
+def _join(base: Path, relative: str) -> str:
+    return os.path.normpath(base / relative)
+
+
+def _is_local_relative(uri: str) -> bool:
+    return "://" not in uri and not Path(uri).is_absolute()
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    data = dict(data)
+    inputs = data.get("inputs")
+    if isinstance(inputs, list):
+        data["inputs"] = [
+            _join(base, item) if isinstance(item, str) and _is_local_relative(item) else item
+            for item in inputs
+        ]
+    output = data.get("output")
+    if isinstance(output, dict) and isinstance(output.get("path"), str):
+        if _is_local_relative(output["path"]):
+            data["output"] = {**output, "path": _join(base, output["path"])}
+    model = data.get("model")
+    if isinstance(model, str):
+        # A model preset: a YAML file of model settings (see configs/).
+        preset = _join(base, model) if _is_local_relative(model) else model
+        try:
+            model = yaml.safe_load(Path(preset).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise JobSpecError(str(base), [f"model: cannot load preset {model!r}: {error}"])
+        data["model"] = model
+    if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+        if _is_local_relative(model["checkpoint"]):
+            data["model"] = {**model, "checkpoint": _join(base, model["checkpoint"])}
+    return data
+

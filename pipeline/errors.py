@@ -1,0 +1,30 @@
+"""One root exception; subclasses also inherit ValueError/OSError so callers can catch either."""
+
+from __future__ import annotations
+
+
+class GeoRetinaError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class JobSpecError(GeoRetinaError, ValueError):
+    """A job file that does not validate; lists every bad field with its path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        body = "\n".join(f"  - {line}" for line in problems)
+        super().__init__(f"invalid job {source}: {len(problems)} problem(s)\n{body}")
+
+
+class SceneError(GeoRetinaError, ValueError):
+    """A scene that cannot be processed: the message names the scene and what is wrong."""
+
+    def __init__(self, scene: str, problem: str) -> None:
+        self.scene = scene
+        self.problem = problem
+        super().__init__(f"scene {scene}: {problem}")
+
+
+class CheckpointError(GeoRetinaError, ValueError):
+    """A checkpoint that cannot be loaded safely or does not match the model settings."""

@@ -1,0 +1,199 @@
+"""Detections table: Arrow schema, GeoParquet 1.1 metadata, spatial order, atomic write."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+GEOPARQUET_VERSION = "1.1.0"
+
+# shapely type ids to GeoParquet geometry type names (2D).
+_TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
+               6: "MultiPolygon", 7: "GeometryCollection"}
+
+BBOX_TYPE = pa.struct(
+    [
+        ("xmin", pa.float64()),
+        ("ymin", pa.float64()),
+        ("xmax", pa.float64()),
+        ("ymax", pa.float64()),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        ("scene_id", pa.string()),
+        ("detection_id", pa.string()),
+        ("class_id", pa.int16()),
+        ("class_name", pa.string()),
+        ("score", pa.float32()),
+        ("geometry", pa.binary()),
+        ("bbox", BBOX_TYPE),
+        ("pixel_xmin", pa.float32()),
+        ("pixel_ymin", pa.float32()),
+        ("pixel_xmax", pa.float32()),
+        ("pixel_ymax", pa.float32()),
+        ("scene_crs", pa.string()),
+        ("scene_uri", pa.string()),
+        ("acquired_at", pa.timestamp("us", tz="UTC")),
+        ("model_id", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def hilbert_index(x: np.ndarray, y: np.ndarray, order: int = 16) -> np.ndarray:
+    """Position of integer cells ``0 <= x, y < 2**order`` along a Hilbert curve."""
+    side = 1 << order
+    x = x.astype(np.int64).copy()
+    y = y.astype(np.int64).copy()
+    distance = np.zeros(len(x), dtype=np.int64)
+    step = side // 2
+    while step > 0:
+        rx = (x & step) > 0
+        ry = (y & step) > 0
+        distance += step * step * ((3 * rx.astype(np.int64)) ^ ry.astype(np.int64))
+        # Rotate the quadrant so the curve stays continuous.
+        flip = ~ry & rx
+        x = np.where(flip, side - 1 - x, x)
+        y = np.where(flip, side - 1 - y, y)
+        swap = ~ry
+        x, y = np.where(swap, y, x), np.where(swap, x, y)
+        step //= 2
+    return distance
+
+
+def hilbert_order(xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray) -> np.ndarray:
+    """Row order along a Hilbert curve through box centres, so bbox filters skip row groups."""
+    if len(xmin) < 2:
+        return np.arange(len(xmin))
+    cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
+    span_x = max(float(cx.max() - cx.min()), 1e-12)
+    span_y = max(float(cy.max() - cy.min()), 1e-12)
+    cells = (1 << 16) - 1
+    gx = np.round((cx - cx.min()) / span_x * cells)
+    gy = np.round((cy - cy.min()) / span_y * cells)
+    return np.argsort(hilbert_index(gx, gy), kind="stable")
+
+
+def geo_metadata(crs_projjson: dict, bbox: list[float], geometry_types: list[str]) -> dict:
+    """The ``geo`` key of a GeoParquet 1.1 file with a ``bbox`` covering column."""
+    return {
+        "version": GEOPARQUET_VERSION,
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": geometry_types,
+                "crs": crs_projjson,
+                "orientation": "counterclockwise",
+                "bbox": bbox,
+                "covering": {
+                    "bbox": {
+                        "xmin": ["bbox", "xmin"],
+                        "ymin": ["bbox", "ymin"],
+                        "xmax": ["bbox", "xmax"],
+                        "ymax": ["bbox", "ymax"],
+                    }
+                },
+            }
+        },
+    }
+
+
+@dataclass(frozen=True)
+class SceneRows:
+    """One scene's merged detections, ready to become a table (geometry in the output CRS)."""
+
+    scene_id: str
+    scene_uri: str
+    scene_crs: str
+    acquired_at: datetime | None
+    model_id: str
+    run_id: str
+    detection_ids: list[str]
+    class_ids: np.ndarray
+    class_names: list[str]
+    scores: np.ndarray
+    pixel_boxes: np.ndarray  # (n, 4) scene pixels
+    rings: np.ndarray  # (n, 5, 2) closed rings in the output CRS
+
+
+def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 0) -> pa.Table:
+    """Arrow table in Hilbert order with GeoParquet metadata; ``geo.bbox`` from the data."""
+    count = len(rows.scores)
+    polygons = shapely.orient_polygons(shapely.polygons(rows.rings), exterior_cw=False)
+    bounds = shapely.bounds(polygons).reshape(count, 4)
+    order = hilbert_order(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    polygons, bounds = polygons[order], bounds[order]
+    pixel = rows.pixel_boxes[order].astype(np.float32)
+    acquired = rows.acquired_at
+    if acquired is not None and acquired.tzinfo is None:
+        acquired = acquired.replace(tzinfo=timezone.utc)
+    columns = {
+        "scene_id": pa.array([rows.scene_id] * count, pa.string()),
+        "detection_id": pa.array([rows.detection_ids[i] for i in order], pa.string()),
+        "class_id": pa.array(rows.class_ids[order].astype(np.int16)),
+        "class_name": pa.array([rows.class_names[i] for i in order], pa.string()),
+        "score": pa.array(rows.scores[order].astype(np.float32)),
+        "geometry": pa.array(shapely.to_wkb(polygons, output_dimension=2), pa.binary()),
+        "bbox": pa.StructArray.from_arrays(
+            [pa.array(bounds[:, i], pa.float64()) for i in range(4)],
+            fields=list(BBOX_TYPE),
+        ),
+        "pixel_xmin": pa.array(pixel[:, 0]),
+        "pixel_ymin": pa.array(pixel[:, 1]),
+        "pixel_xmax": pa.array(pixel[:, 2]),
+        "pixel_ymax": pa.array(pixel[:, 3]),
+        "scene_crs": pa.array([rows.scene_crs] * count, pa.string()),
+        "scene_uri": pa.array([rows.scene_uri] * count, pa.string()),
+        "acquired_at": pa.array([acquired] * count, pa.timestamp("us", tz="UTC")),
+        "model_id": pa.array([rows.model_id] * count, pa.string()),
+        "run_id": pa.array([rows.run_id] * count, pa.string()),
+    }
+    table = pa.table(columns, schema=SCHEMA)
+    if count:
+        extent = [
+            float(bounds[:, 0].min()),
+            float(bounds[:, 1].min()),
+            float(bounds[:, 2].max()),
+            float(bounds[:, 3].max()),
+        ]
+        types = sorted({_TYPE_NAMES[int(t)] for t in np.unique(shapely.get_type_id(polygons))})
+    else:
+        extent, types = [], []
+    meta = geo_metadata(crs_projjson, extent, types)
+    return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
+
+
+def write_parquet_atomic(table: pa.Table, uri: str, row_group_size: int) -> None:
+    """Write so that readers see the old file or the whole new one, never a part.
+
+    Local disk: write a temporary file beside the target and rename it over. Object
+    storage has no rename, but an object appears only when its single PUT (or multipart
+    upload) completes, so writing straight to the deterministic key is atomic there.
+    """
+    options = {"compression": "zstd", "row_group_size": row_group_size, "write_statistics": True}
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            pq.write_table(table, temporary, **options)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return
+    import fsspec
+
+    with fsspec.open(uri, "wb") as handle:
+        pq.write_table(table, handle, **options)

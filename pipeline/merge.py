@@ -1,0 +1,294 @@
+"""Tile boxes → scene pixels → CRS, and cross-tile duplicate removal. Pure numpy.
+
+Boxes are ``(x0, y0, x1, y1)`` in pixel-edge coordinates: a box covering columns 10..19 is
+``x0=10, x1=20``, and ``(0, 0)`` is the upper-left corner of the upper-left pixel, the same
+convention as the raster's affine transform, so corners map with no half-pixel shift.
+
+Duplicate removal is exact greedy NMS (same result as sorting by score and suppressing in
+turn), computed over the sparse graph of boxes that actually overlap: a grid hash finds the
+pairs, so the cost grows with the number of boxes, not its square. It always runs in scene
+pixels: CRS coordinates around 10^6 would lose the precision NMS needs in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Metric = Literal["iou", "ios"]
+
+# A box cut by an inner tile edge is dropped when at least this fraction of its area lies
+# inside a whole (uncut) box of the same class from a neighbouring tile.
+CUT_COVERED_FRACTION = 0.5
+
+_UNDECIDED, _KEPT, _SUPPRESSED = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# Per tile
+# --------------------------------------------------------------------------------------------
+
+
+def valid_fraction(boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Fraction of each box's pixels that are valid, from an ``H×W`` 0/1 mask.
+
+    Uses an integral image, so the cost is one pass over the mask plus O(1) per box.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.float32)
+    height, width = valid.shape
+    integral = np.zeros((height + 1, width + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(valid.astype(np.int64), axis=0), axis=1)
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, width).astype(np.int64)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, height).astype(np.int64)
+    x1 = np.clip(np.ceil(boxes[:, 2]), 0, width).astype(np.int64)
+    y1 = np.clip(np.ceil(boxes[:, 3]), 0, height).astype(np.int64)
+    x1 = np.maximum(x1, x0 + 1).clip(max=width)
+    y1 = np.maximum(y1, y0 + 1).clip(max=height)
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    return (total / area).astype(np.float32)
+
+
+def touches_inner_edge(
+    boxes: np.ndarray,
+    tile_width: int,
+    tile_height: int,
+    inner: tuple[bool, bool, bool, bool],
+    tolerance: float,
+) -> np.ndarray:
+    """Which boxes (tile pixels) reach an inner edge (left, top, right, bottom) of their tile."""
+    left, top, right, bottom = inner
+    cut = np.zeros(len(boxes), dtype=bool)
+    if left:
+        cut |= boxes[:, 0] <= tolerance
+    if top:
+        cut |= boxes[:, 1] <= tolerance
+    if right:
+        cut |= boxes[:, 2] >= tile_width - tolerance
+    if bottom:
+        cut |= boxes[:, 3] >= tile_height - tolerance
+    return cut
+
+
+# --------------------------------------------------------------------------------------------
+# Per scene: overlapping pairs, edge rule, greedy NMS
+# --------------------------------------------------------------------------------------------
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+
+
+def overlapping_pairs(
+    boxes: np.ndarray, class_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every unordered pair of boxes whose intersection has positive area.
+
+    Returns ``(a, b, intersection)`` with ``a < b``. With ``class_ids`` only same-class pairs.
+
+    Each box is hashed into every grid cell it covers (cells about twice the median box
+    side, so most boxes cover one to four); a pair is reported only by the cell that holds
+    the upper-left corner of its intersection, hence exactly once. Work is linear in the
+    number of boxes times the local density.
+    """
+    empty = np.zeros(0, dtype=np.int64)
+    count = len(boxes)
+    if count < 2:
+        return empty, empty, np.zeros(0, dtype=np.float64)
+    boxes = boxes.astype(np.float64, copy=False)
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    cell = max(float(np.median(sides)) * 2.0, 1e-3)
+    origin_x, origin_y = boxes[:, 0].min(), boxes[:, 1].min()
+    cx0 = np.floor((boxes[:, 0] - origin_x) / cell).astype(np.int64)
+    cy0 = np.floor((boxes[:, 1] - origin_y) / cell).astype(np.int64)
+    cx1 = np.floor((boxes[:, 2] - origin_x) / cell).astype(np.int64)
+    cy1 = np.floor((boxes[:, 3] - origin_y) / cell).astype(np.int64)
+    rows = int(cy1.max()) + 1
+
+    # One entry per (box, covered cell).
+    span_x, span_y = cx1 - cx0 + 1, cy1 - cy0 + 1
+    per_box = span_x * span_y
+    entry_box = np.repeat(np.arange(count), per_box)
+    within = np.arange(per_box.sum()) - np.repeat(np.cumsum(per_box) - per_box, per_box)
+    entry_cx = cx0[entry_box] + within // span_y[entry_box]
+    entry_cy = cy0[entry_box] + within % span_y[entry_box]
+    entry_cell = entry_cx * rows + entry_cy
+    order = np.argsort(entry_cell, kind="stable")
+    entry_box, entry_cell = entry_box[order], entry_cell[order]
+
+    # Pair each entry with the later entries of the same cell.
+    group_end = np.searchsorted(entry_cell, entry_cell, side="right")
+    partners = group_end - np.arange(len(entry_cell)) - 1
+    first = np.repeat(np.arange(len(entry_cell)), partners)
+    offset = np.arange(partners.sum()) - np.repeat(np.cumsum(partners) - partners, partners)
+    second = first + 1 + offset
+    a, b, pair_cell = entry_box[first], entry_box[second], entry_cell[first]
+
+    if class_ids is not None:
+        same = class_ids[a] == class_ids[b]
+        a, b, pair_cell = a[same], b[same], pair_cell[same]
+    ix0 = np.maximum(boxes[a, 0], boxes[b, 0])
+    iy0 = np.maximum(boxes[a, 1], boxes[b, 1])
+    ix1 = np.minimum(boxes[a, 2], boxes[b, 2])
+    iy1 = np.minimum(boxes[a, 3], boxes[b, 3])
+    intersection = np.maximum(ix1 - ix0, 0) * np.maximum(iy1 - iy0, 0)
+    owner = (
+        np.floor((ix0 - origin_x) / cell).astype(np.int64) * rows
+        + np.floor((iy0 - origin_y) / cell).astype(np.int64)
+    )
+    keep = (intersection > 0) & (owner == pair_cell)
+    a, b, intersection = a[keep], b[keep], intersection[keep]
+    swap = a > b
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    return a, b, intersection
+
+
+def pair_overlap(
+    boxes: np.ndarray, a: np.ndarray, b: np.ndarray, intersection: np.ndarray, metric: Metric
+) -> np.ndarray:
+    """IoU, or intersection over the smaller box (IoS), for each pair."""
+    areas = _areas(boxes.astype(np.float64, copy=False))
+    if metric == "iou":
+        return intersection / (areas[a] + areas[b] - intersection)
+    return intersection / np.maximum(np.minimum(areas[a], areas[b]), 1e-12)
+
+
+def score_rank(scores: np.ndarray) -> np.ndarray:
+    """Rank of each box in greedy order: highest score first, ties by index."""
+    order = np.argsort(-scores.astype(np.float64), kind="stable")
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[order] = np.arange(len(scores))
+    return rank
+
+
+def greedy_over_pairs(rank: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Greedy NMS given the pairs that suppress each other; returns a keep mask.
+
+    A box is kept iff no kept box that outranks it is paired with it. Decided in rounds,
+    vectorised: a box is suppressed once an outranking partner is kept, and kept once every
+    outranking partner is suppressed. The best undecided box is always decided in the next
+    round, so this ends, and every decision is the one the sequential loop would make.
+    """
+    count = len(rank)
+    stronger = np.where(rank[a] < rank[b], a, b)
+    weaker = np.where(rank[a] < rank[b], b, a)
+    state = np.full(count, _KEPT, dtype=np.int8)
+    state[weaker] = _UNDECIDED
+    blocked = np.zeros(count, dtype=bool)
+    while len(weaker):
+        hit = state[stronger] == _KEPT
+        state[weaker[hit]] = _SUPPRESSED
+        live = state[weaker] == _UNDECIDED
+        stronger, weaker = stronger[live], weaker[live]
+        if not len(weaker):
+            break
+        waiting = weaker[state[stronger] != _SUPPRESSED]
+        blocked[waiting] = True
+        candidates = weaker[~blocked[weaker]]
+        state[candidates] = _KEPT
+        blocked[waiting] = False
+    return state == _KEPT
+
+
+def drop_cut_duplicates(
+    boxes: np.ndarray,
+    class_ids: np.ndarray,
+    is_cut: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Keep mask: a cut box goes when a whole box of its class covers most of it.
+
+    An object that a tile edge cuts is seen whole by the neighbouring tile whenever the
+    overlap is at least the object's size; the cut half must not survive beside it. A cut
+    box with no whole box over it (an object larger than the overlap) is kept.
+    """
+    keep = np.ones(len(boxes), dtype=bool)
+    if not is_cut.any():
+        return keep
+    a, b, intersection = pairs if pairs is not None else overlapping_pairs(boxes, class_ids)
+    areas = _areas(boxes.astype(np.float64, copy=False))
+    for cut_side, whole_side in ((a, b), (b, a)):
+        mixed = is_cut[cut_side] & ~is_cut[whole_side]
+        covered = intersection[mixed] >= CUT_COVERED_FRACTION * areas[cut_side[mixed]]
+        keep[cut_side[mixed][covered]] = False
+    return keep
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    iou_threshold: float = 0.5
+    metric: Metric = "iou"
+    class_aware: bool = True
+
+
+def merge_boxes(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    class_ids: np.ndarray,
+    is_cut: np.ndarray,
+    options: MergeOptions = MergeOptions(),
+) -> np.ndarray:
+    """Indices of the boxes (scene pixels) that survive the edge rule and then greedy NMS.
+
+    Returned in greedy order (score descending, ties by index).
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    boxes = boxes.astype(np.float64, copy=False)
+    same_class = class_ids if options.class_aware else None
+    pairs = overlapping_pairs(boxes, same_class)
+    # The edge rule always compares within a class: a cut car is no duplicate of a whole ship.
+    cut_pairs = pairs if options.class_aware else overlapping_pairs(boxes, class_ids)
+    alive = drop_cut_duplicates(boxes, class_ids, is_cut, cut_pairs)
+
+    a, b, intersection = pairs
+    both_alive = alive[a] & alive[b]
+    a, b, intersection = a[both_alive], b[both_alive], intersection[both_alive]
+    overlap = pair_overlap(boxes, a, b, intersection, options.metric)
+    suppressing = overlap > options.iou_threshold
+    rank = score_rank(scores)
+    keep = greedy_over_pairs(rank, a[suppressing], b[suppressing]) & alive
+    kept = np.flatnonzero(keep)
+    return kept[np.argsort(rank[kept], kind="stable")]
+
+
+# --------------------------------------------------------------------------------------------
+# Scene pixels → CRS
+# --------------------------------------------------------------------------------------------
+
+Transform6 = tuple[float, float, float, float, float, float]
+
+
+def box_rings(boxes: np.ndarray, transform: Transform6) -> np.ndarray:
+    """Closed rings ``(n, 5, 2)`` of box corners mapped through the full affine.
+
+    ``transform`` is ``(a, b, c, d, e, f)`` as in ``rasterio.Affine``: ``x = a*col + b*row + c``
+    and ``y = d*col + e*row + f``; rotated and south-up rasters need no special case.
+    """
+    a, b, c, d, e, f = transform
+    x0, y0, x1, y1 = (boxes[:, i].astype(np.float64) for i in range(4))
+    cols = np.stack([x0, x1, x1, x0, x0], axis=1)
+    rows = np.stack([y0, y0, y1, y1, y0], axis=1)
+    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=2)
+
+
+def detection_ids(
+    scene_id: str,
+    model_id: str,
+    settings_hash: str,
+    boxes: np.ndarray,
+    class_ids: np.ndarray,
+) -> list[str]:
+    """Ids stable across re-runs of the same scene, model and settings (16 hex digits)."""
+    prefix = f"{scene_id}|{model_id}|{settings_hash}|".encode()
+    rounded = np.round(boxes.astype(np.float64), 2)
+    return [
+        hashlib.blake2b(
+            prefix + f"{int(cls)}|{x0:.2f}|{y0:.2f}|{x1:.2f}|{y1:.2f}".encode(), digest_size=8
+        ).hexdigest()
+        for cls, (x0, y0, x1, y1) in zip(class_ids, rounded, strict=True)
+    ]

@@ -1,0 +1,164 @@
+"""RetinaNet construction (torchvision, no downloads) and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from functools import partial
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from pipeline.config import ModelSettings
+from pipeline.errors import CheckpointError
+
+# Untrained models are initialised from this seed, so two actors (or two runs) agree.
+UNTRAINED_SEED = 0
+
+
+class NoResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform without the resize: tiles run at the resolution they have.
+
+    The stock transform rescales every input to ``min_size=800``; a 400-px tile would cost
+    four times the compute and see objects at twice their trained size.
+    """
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        return image, target
+
+
+def _anchor_generator(settings: ModelSettings) -> AnchorGenerator:
+    # Three scales per octave, as in the paper: 2^0, 2^(1/3), 2^(2/3).
+    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in settings.anchor_sizes)
+    ratios = (tuple(settings.aspect_ratios),) * len(sizes)
+    return AnchorGenerator(sizes, ratios)
+
+
+def build_model(settings: ModelSettings, tile_size: int) -> RetinaNet:
+    """A RetinaNet in eval mode with the job's classes, anchors and inference knobs.
+
+    Layer names match torchvision's own builders, so their state dicts load unchanged.
+    """
+    torch.manual_seed(UNTRAINED_SEED)
+    if settings.backbone == "resnet18_fpn":
+        body = resnet18(weights=None)
+        extra = LastLevelP6P7(256, 256)
+    elif settings.backbone == "resnet50_fpn":
+        body = resnet50(weights=None)
+        extra = LastLevelP6P7(256, 256)
+    else:
+        body = resnet50(weights=None)
+        extra = LastLevelP6P7(2048, 256)
+    backbone = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
+    anchors = _anchor_generator(settings)
+    head = None
+    if settings.backbone == "resnet50_fpn_v2":
+        head = RetinaNetHead(
+            backbone.out_channels,
+            anchors.num_anchors_per_location()[0],
+            settings.num_classes,
+            norm_layer=partial(nn.GroupNorm, 32),
+        )
+        head.regression_head._loss_type = "giou"
+    model = RetinaNet(
+        backbone,
+        settings.num_classes,
+        min_size=tile_size,
+        max_size=tile_size,
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=settings.score_threshold,
+        nms_thresh=settings.nms_threshold,
+        detections_per_img=settings.detections_per_tile,
+        topk_candidates=settings.topk_candidates,
+    )
+    model.transform = NoResizeTransform(
+        tile_size, tile_size, model.transform.image_mean, model.transform.image_std
+    )
+    return model.eval()
+
+
+def read_checkpoint_bytes(uri: str, sha256: str | None) -> tuple[bytes, str]:
+    """Fetch a checkpoint from a path or fsspec URI; check its sha256 when one is given."""
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            blob = handle.read()
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {uri}: cannot be read: {error}") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if sha256 and digest != sha256:
+        raise CheckpointError(f"checkpoint {uri}: sha256 is {digest}, the job expects {sha256}")
+    return blob, digest
+
+
+def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or ``torch.save`` bytes, never unpickling objects."""
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(blob)
+    try:
+        loaded = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise CheckpointError(f"checkpoint {uri}: not a loadable state dict: {error}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(
+        isinstance(value, torch.Tensor) for value in loaded.values()
+    ):
+        raise CheckpointError(f"checkpoint {uri}: does not hold a state dict of tensors")
+    return loaded
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
+    """Load strictly; a mismatch names the keys and shapes that differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in sorted(set(own) & set(state))
+        if state[key].shape != own[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if wrong_shape:
+            parts.append("shapes differ (classes or anchors?): " + "; ".join(wrong_shape[:5]))
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(f"checkpoint {uri} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def load_model(settings: ModelSettings, tile_size: int) -> tuple[RetinaNet, str]:
+    """Build the model, load its checkpoint if any, and return it with its ``model_id``."""
+    model = build_model(settings, tile_size)
+    if settings.checkpoint is None:
+        return model, f"{settings.name}:{settings.backbone}:untrained"
+    blob, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
+    load_weights(model, parse_state_dict(blob, settings.checkpoint), settings.checkpoint)
+    return model, f"{settings.name}:{settings.backbone}:{digest[:12]}"
+
+
+def model_id_for(settings: ModelSettings) -> str:
+    """The ``model_id`` without building the model (reads only the checkpoint's bytes)."""
+    if settings.kind == "threshold":
+        return f"threshold:{settings.threshold_level}:{settings.threshold_min_pixels}"
+    if settings.checkpoint is None:
+        return f"{settings.name}:{settings.backbone}:untrained"
+    _, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
+    return f"{settings.name}:{settings.backbone}:{digest[:12]}"

@@ -1,0 +1,158 @@
+"""Opening rasters anywhere GDAL or fsspec reaches, and the pre-flight check of a scene.
+
+GDAL settings that matter for COGs on object storage live here, in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+
+from pipeline.errors import SceneError
+from pipeline.tiling import default_scale_range, percentile_range
+
+# Read COGs with few, large range requests and never list directories to find sidecars.
+GDAL_OPTIONS: dict[str, str | int] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "GDAL_HTTP_MAX_RETRY": 5,
+    "GDAL_HTTP_RETRY_DELAY": 1,
+    "VSI_CACHE": "TRUE",
+    "GDAL_CACHEMAX": 256,
+}
+
+# Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.
+_GDAL_SCHEMES = {"s3", "gs", "gcs", "http", "https", "az", "azure", "file"}
+
+# Percentiles for the default scaling of non-uint8 imagery come from a sample this large.
+_SAMPLE_SIDE = 1024
+
+
+@contextlib.contextmanager
+def open_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
+    """Open a raster for reading, by GDAL's own handlers where it has them."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    with rasterio.Env(**GDAL_OPTIONS):
+        if scheme in _GDAL_SCHEMES:
+            with rasterio.open(uri) as dataset:
+                yield dataset
+        else:
+            import fsspec
+
+            with rasterio.open(uri, opener=fsspec.open) as dataset:
+                yield dataset
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the pre-flight learns about a scene; everything later stages need from it."""
+
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs_wkt: str
+    crs_name: str
+    transform: tuple[float, float, float, float, float, float]
+    bands: tuple[int, ...]
+    scale_range: tuple[float, float]
+    acquired_at: datetime | None
+
+
+def _default_bands(count: int) -> tuple[int, ...]:
+    if count >= 3:
+        return (1, 2, 3)
+    if count == 1:
+        return (1, 1, 1)
+    raise ValueError(f"has {count} bands; name three in tiling.bands")
+
+
+def _acquired_at(tags: dict[str, str]) -> datetime | None:
+    stamp = tags.get("TIFFTAG_DATETIME") or tags.get("ACQUISITION_DATETIME")
+    if not stamp:
+        return None
+    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"):
+        try:
+            return datetime.strptime(stamp.rstrip("Z"), fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def inspect_raster(
+    scene_id: str,
+    uri: str,
+    bands: list[int] | None,
+    scale_range: tuple[float, float] | None,
+) -> RasterInfo:
+    """Open a scene, check it can be processed, and read its last block.
+
+    Reading the last block makes a truncated file fail here, in seconds, not hours later.
+
+    Raises:
+        SceneError: naming the scene and what is wrong with it.
+    """
+    try:
+        with open_raster(uri) as dataset:
+            if dataset.crs is None:
+                raise SceneError(scene_id, "has no CRS; georeference it or pick another file")
+            if dataset.transform.is_identity:
+                raise SceneError(scene_id, "has no geotransform (pixel coordinates only)")
+            try:
+                chosen = tuple(bands) if bands else _default_bands(dataset.count)
+            except ValueError as error:
+                raise SceneError(scene_id, str(error)) from None
+            bad = [band for band in chosen if not 1 <= band <= dataset.count]
+            if bad:
+                raise SceneError(
+                    scene_id, f"has {dataset.count} band(s); tiling.bands asks for {bad}"
+                )
+            if len(chosen) != 3:
+                raise SceneError(scene_id, f"the model takes 3 bands, got {len(chosen)}")
+            _read_last_block(dataset)
+            scale = scale_range or default_scale_range(dataset.dtypes[0])
+            if scale is None:
+                scale = _sample_range(dataset, list(chosen))
+            return RasterInfo(
+                width=dataset.width,
+                height=dataset.height,
+                count=dataset.count,
+                dtype=dataset.dtypes[0],
+                crs_wkt=dataset.crs.to_wkt(),
+                crs_name=dataset.crs.to_string(),
+                transform=tuple(dataset.transform)[:6],
+                bands=chosen,
+                scale_range=(float(scale[0]), float(scale[1])),
+                acquired_at=_acquired_at(dataset.tags()),
+            )
+    except SceneError:
+        raise
+    except (RasterioError, OSError) as error:
+        raise SceneError(scene_id, f"cannot be read as a raster ({uri}): {error}") from None
+
+
+def _read_last_block(dataset: rasterio.DatasetReader) -> None:
+    from rasterio.windows import Window
+
+    block_h, block_w = dataset.block_shapes[0]
+    col = (dataset.width - 1) // block_w * block_w
+    row = (dataset.height - 1) // block_h * block_h
+    window = Window(col, row, min(block_w, dataset.width - col), min(block_h, dataset.height - row))
+    dataset.read(1, window=window)
+
+
+def _sample_range(dataset: rasterio.DatasetReader, bands: list[int]) -> tuple[float, float]:
+    """2–98 % range from a decimated read (GDAL serves it from an overview when there is one)."""
+    factor = max(1, max(dataset.width, dataset.height) // _SAMPLE_SIDE)
+    shape = (len(bands), max(1, dataset.height // factor), max(1, dataset.width // factor))
+    sample = dataset.read(bands, out_shape=shape)
+    valid = np.all(dataset.read_masks(bands, out_shape=shape) > 0, axis=0)
+    return percentile_range(sample, valid)

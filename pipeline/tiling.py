@@ -1,0 +1,201 @@
+"""Tile plan (pure) and windowed reading (rasterio).
+
+The plan is plain integer math over the raster's shape; reading turns a planned tile into the
+model's uint8 ``H×W×C`` input plus a valid-pixel mask. Neither knows anything of Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Plan (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One planned tile: its window in scene pixels and the core it owns when merging.
+
+    The window is always ``tile_size`` square so batches stack; it reaches past the raster
+    only when the raster is smaller than one tile (the read pads it). The cores of a plan
+    partition the raster: every pixel belongs to exactly one core.
+    """
+
+    row: int
+    col: int
+    col_off: int
+    row_off: int
+    width: int
+    height: int
+    core_col_off: int
+    core_row_off: int
+    core_width: int
+    core_height: int
+
+
+def axis_offsets(size: int, tile_size: int, overlap: int) -> list[int]:
+    """Start offsets of tiles along one axis of ``size`` pixels.
+
+    With stride ``s = tile_size - overlap``, ``n = ceil((size - tile_size) / s) + 1`` tiles
+    cover the axis (the ceiling adds the last, partial step). The last tile is moved inward
+    to ``size - tile_size`` instead of hanging over the edge, so it overlaps its neighbour by
+    more than ``overlap`` but stays full size. An axis shorter than a tile gets one tile at 0.
+    """
+    if size <= tile_size:
+        return [0]
+    stride = tile_size - overlap
+    count = math.ceil((size - tile_size) / stride) + 1
+    return [min(index * stride, size - tile_size) for index in range(count)]
+
+
+def axis_cores(offsets: list[int], size: int, tile_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each tile's core along one axis: split every overlap in the middle."""
+    bounds = [0]
+    for left, right in zip(offsets, offsets[1:], strict=False):
+        bounds.append((right + left + tile_size) // 2)
+    bounds.append(size)
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> list[Tile]:
+    """Tiles covering a ``width × height`` raster, row-major.
+
+    Raises:
+        ValueError: if the raster is empty or the overlap is not below the tile size.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"raster has no pixels: {width}x{height}")
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap {overlap} must be in [0, tile_size={tile_size})")
+    col_offsets = axis_offsets(width, tile_size, overlap)
+    row_offsets = axis_offsets(height, tile_size, overlap)
+    col_cores = axis_cores(col_offsets, width, tile_size)
+    row_cores = axis_cores(row_offsets, height, tile_size)
+    tiles = []
+    for row, (row_off, (core_r0, core_r1)) in enumerate(zip(row_offsets, row_cores, strict=True)):
+        for col, (col_off, (core_c0, core_c1)) in enumerate(
+            zip(col_offsets, col_cores, strict=True)
+        ):
+            tiles.append(
+                Tile(
+                    row=row,
+                    col=col,
+                    col_off=col_off,
+                    row_off=row_off,
+                    width=tile_size,
+                    height=tile_size,
+                    core_col_off=core_c0,
+                    core_row_off=core_r0,
+                    core_width=core_c1 - core_c0,
+                    core_height=core_r1 - core_r0,
+                )
+            )
+    return tiles
+
+
+def inner_edges(
+    col_off: int, row_off: int, tile_size: int, width: int, height: int
+) -> tuple[bool, bool, bool, bool]:
+    """Which sides of a tile (left, top, right, bottom) lie inside the raster.
+
+    A box touching an inner edge may be an object cut in half; one touching the raster's own
+    border is not.
+    """
+    return (
+        col_off > 0,
+        row_off > 0,
+        col_off + tile_size < width,
+        row_off + tile_size < height,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling to uint8 (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def default_scale_range(dtype: str) -> tuple[float, float] | None:
+    """The range mapped onto 0..255 when the job names none; None means 'measure it'."""
+    if dtype == "uint8":
+        return (0.0, 255.0)
+    return None
+
+
+def percentile_range(
+    sample: np.ndarray, valid: np.ndarray, low: float = 2.0, high: float = 98.0
+) -> tuple[float, float]:
+    """Robust input range from a (decimated) sample ``C×H×W`` over its valid pixels."""
+    values = sample[:, valid.astype(bool)]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (0.0, 1.0)
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (float(lo), float(hi))
+
+
+def to_uint8(data: np.ndarray, scale_range: tuple[float, float]) -> np.ndarray:
+    """Map ``C×H×W`` values linearly from ``scale_range`` onto uint8 ``H×W×C``."""
+    if data.dtype == np.uint8 and scale_range == (0.0, 255.0):
+        return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+    lo, hi = scale_range
+    scaled = (data.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return np.ascontiguousarray(np.moveaxis(scaled.astype(np.uint8), 0, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading (rasterio)
+# --------------------------------------------------------------------------------------------
+
+
+def read_tile(
+    dataset: object,
+    tile: Tile,
+    bands: list[int],
+    scale_range: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one tile from an open rasterio dataset.
+
+    Returns ``(image, valid)``: uint8 ``H×W×C`` and uint8 ``H×W`` (1 where every selected band
+    has data). Pixels past the raster's edge (rasters smaller than a tile) are zero and invalid.
+    """
+    from rasterio.windows import Window
+
+    raster_w, raster_h = dataset.width, dataset.height
+    read_w = min(tile.width, raster_w - tile.col_off)
+    read_h = min(tile.height, raster_h - tile.row_off)
+    window = Window(tile.col_off, tile.row_off, read_w, read_h)
+    data = dataset.read(bands, window=window)
+    masks = dataset.read_masks(bands, window=window)
+    valid = np.all(masks > 0, axis=0)
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.all(np.isfinite(data), axis=0)
+    image = to_uint8(data, scale_range)
+    image[~valid] = 0
+    if (read_w, read_h) != (tile.width, tile.height):
+        padded = np.zeros((tile.height, tile.width, image.shape[2]), dtype=np.uint8)
+        padded[:read_h, :read_w] = image
+        padded_valid = np.zeros((tile.height, tile.width), dtype=bool)
+        padded_valid[:read_h, :read_w] = valid
+        image, valid = padded, padded_valid
+    return image, valid.astype(np.uint8)
+
+
+def iter_tiles(
+    uri: str, tiles: list[Tile], bands: list[int], scale_range: tuple[float, float]
+) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Read many tiles through one open dataset (one open file serves the whole chunk)."""
+    from pipeline.rasters import open_raster
+
+    with open_raster(uri) as dataset:
+        for tile in tiles:
+            image, valid = read_tile(dataset, tile, bands, scale_range)
+            yield tile, image, valid
