@@ -1,0 +1,64 @@
+"""Shared fixtures: a GeoTIFF factory and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+UTM_33N = "EPSG:32633"
+NORTH_UP = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_650_000.0)
+
+
+@pytest.fixture
+def make_raster(tmp_path: Path) -> Callable[..., Path]:
+    """Write a small GeoTIFF: any size, bands, dtype, transform, CRS, nodata, pixels."""
+
+    def make(
+        name: str = "scene.tif",
+        width: int = 256,
+        height: int = 256,
+        count: int = 3,
+        dtype: str = "uint8",
+        crs: str | None = UTM_33N,
+        transform: Affine | None = NORTH_UP,
+        nodata: float | None = None,
+        data: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> Path:
+        path = tmp_path / name
+        if data is None:
+            rng = np.random.default_rng(seed)
+            data = rng.integers(0, 120, size=(count, height, width)).astype(dtype)
+        profile = {
+            "driver": "GTiff", "width": width, "height": height, "count": count,
+            "dtype": dtype, "tiled": True, "blockxsize": 128, "blockysize": 128,
+        }
+        if crs is not None:
+            profile["crs"] = crs
+        if transform is not None:
+            profile["transform"] = transform
+        if nodata is not None:
+            profile["nodata"] = nodata
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

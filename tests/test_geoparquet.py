@@ -1,0 +1,161 @@
+"""GeoParquet 1.1 output: schema-valid metadata, and readable by geopandas, DuckDB and GDAL."""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import geopandas
+import jsonschema
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import referencing
+from pyproj import CRS
+
+from pipeline.geoparquet import hilbert_index
+from pipeline.finalize import SceneContext, finalize_scene
+from pipeline.detect import TileDetections
+from pipeline.merge import MergeOptions
+from pipeline.rasters import RasterInfo
+
+SCHEMA_DIR = Path(__file__).parent / "data" / "geoparquet"
+
+
+def geo_validator() -> jsonschema.Draft7Validator:
+    schema = json.loads((SCHEMA_DIR / "schema.json").read_text())
+    import pyproj
+
+    projjson_path = (
+        Path(pyproj.__file__).parent / "proj_dir" / "share" / "proj" / "projjson.schema.json"
+    )
+    projjson = json.loads(projjson_path.read_text())
+    resource = referencing.Resource.from_contents(projjson)
+    registry = referencing.Registry().with_resource(
+        "https://proj.org/schemas/v0.7/projjson.schema.json", resource
+    )
+    return jsonschema.Draft7Validator(schema, registry=registry)
+
+
+INFO = RasterInfo(
+    width=1000, height=1000, count=3, dtype="uint8",
+    crs_wkt=CRS.from_epsg(32633).to_wkt(), crs_name="EPSG:32633",
+    transform=(0.5, 0.0, 500000.0, 0.0, -0.5, 4650000.0),
+    bands=(1, 2, 3), scale_range=(0.0, 255.0), acquired_at=datetime(2026, 6, 1, 10, 30),
+)
+
+
+def write_scene(tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500) -> Path:
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(0, 900, count)
+    y0 = rng.uniform(0, 900, count)
+    boxes = np.stack([x0, y0, x0 + 20, y0 + 20], axis=1).astype(np.float32)
+    found = TileDetections(boxes, rng.uniform(0.1, 1, count).astype(np.float32),
+                           rng.integers(0, 2, count).astype(np.int16))
+    output = tmp_path / "out" / "detections" / "s1.parquet"
+    context = SceneContext(
+        scene_id="s1", scene_uri="/data/s1.tif", info=INFO, tile_size=1000, edge_tolerance=2.0,
+        merge=MergeOptions(), class_names=("ship", "boat"), model_id="m:1",
+        settings_hash="abc", run_id="r1", output_crs=crs, output_uri=str(output),
+        row_group_size=100,
+    )
+    finalize_scene(context, [(0, 0)], [found])
+    return output
+
+
+@pytest.fixture
+def written(tmp_path) -> Path:
+    return write_scene(tmp_path)
+
+
+def test_geo_metadata_validates_against_the_geoparquet_schema(written):
+    meta = json.loads(pq.read_schema(written).metadata[b"geo"])
+    geo_validator().validate(meta)
+    column = meta["columns"]["geometry"]
+    assert meta["version"] == "1.1.0"
+    assert column["encoding"] == "WKB"
+    assert column["geometry_types"] == ["Polygon"]
+    assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    xmin, ymin, xmax, ymax = column["bbox"]
+    assert 14.9 < xmin < xmax < 15.1 and 41.9 < ymin < ymax < 42.1  # lon/lat order
+
+
+def test_the_shipped_example_validates_so_the_validator_is_real():
+    example = json.loads((SCHEMA_DIR / "example_metadata.json").read_text())["geo"]
+    geo_validator().validate(example)
+    with pytest.raises(jsonschema.ValidationError):
+        geo_validator().validate({**example, "version": "banana"})
+
+
+def test_geopandas_reads_crs_rows_and_geometry(written):
+    frame = geopandas.read_parquet(written)
+    table = pq.read_table(written)
+    assert frame.crs == CRS.from_user_input("OGC:CRS84")
+    assert len(frame) == table.num_rows > 0
+    assert set(frame.class_name) <= {"ship", "boat"}
+    assert frame.geometry.is_valid.all()
+    # The covering bbox equals each geometry's bounds.
+    bounds = frame.geometry.bounds
+    covering = table.column("bbox").combine_chunks()
+    assert np.allclose(bounds.minx, covering.field("xmin").to_numpy())
+    assert np.allclose(bounds.maxy, covering.field("ymax").to_numpy())
+    assert (frame.scene_crs == "EPSG:32633").all()
+    assert str(frame.acquired_at.iloc[0]).startswith("2026-06-01 10:30:00")
+
+
+def test_native_crs_output(tmp_path):
+    path = write_scene(tmp_path, crs="EPSG:32633")
+    frame = geopandas.read_parquet(path)
+    assert frame.crs.to_epsg() == 32633
+    # Pixel boxes map back through the affine: x = 500000 + 0.5 * col.
+    row = frame.iloc[0]
+    assert row.geometry.bounds[0] == pytest.approx(500000 + 0.5 * row.pixel_xmin, abs=1e-6)
+
+
+def test_duckdb_reads_native_geometry_with_crs(written):
+    con = duckdb.connect()
+    (rows,) = con.execute(
+        f"select count(*), min(ST_CRS(geometry)), min(score) from read_parquet('{written}') "
+        "where score > 0.5 and bbox.xmin > 14.0"
+    ).fetchall()
+    scores = pq.read_table(written)["score"].to_numpy()
+    total = int((scores > 0.5).sum())
+    assert rows[0] == total
+    assert rows[1] == "OGC:CRS84"
+    described = con.execute(f"describe select * from read_parquet('{written}')").fetchall()
+    types = {name: kind for name, kind, *_ in described}
+    assert types["geometry"] == "GEOMETRY('OGC:CRS84')"
+
+
+def test_rows_are_in_hilbert_order_with_modest_row_groups(written):
+    meta = pq.read_metadata(written)
+    assert meta.num_row_groups > 1
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    # Spatial order: consecutive rows are close, so row groups cover small boxes.
+    frame = geopandas.read_parquet(written)
+    centres = frame.geometry.centroid
+    steps = np.hypot(np.diff(centres.x), np.diff(centres.y))
+    rng = np.random.default_rng(0)
+    shuffled = centres.iloc[rng.permutation(len(centres))]
+    random_steps = np.hypot(np.diff(shuffled.x), np.diff(shuffled.y))
+    assert np.median(steps) < np.median(random_steps) / 3
+
+
+def test_hilbert_index_is_a_bijection_on_a_small_grid():
+    side = 8
+    xs, ys = np.meshgrid(np.arange(side), np.arange(side))
+    index = hilbert_index(xs.ravel(), ys.ravel(), order=3)
+    assert sorted(index.tolist()) == list(range(side * side))
+    # Consecutive curve positions are neighbouring cells.
+    order = np.argsort(index)
+    steps = np.abs(np.diff(xs.ravel()[order])) + np.abs(np.diff(ys.ravel()[order]))
+    assert (steps == 1).all()
+
+
+def test_rewrite_replaces_never_duplicates(tmp_path):
+    first = write_scene(tmp_path)
+    rows = pq.read_metadata(first).num_rows
+    second = write_scene(tmp_path)
+    assert first == second
+    assert pq.read_metadata(second).num_rows == rows
+    assert [p.name for p in second.parent.iterdir()] == ["s1.parquet"]  # no temp leftovers

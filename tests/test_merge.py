@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.transform import Affine
+from torchvision.ops import batched_nms
+
+from pipeline.merge import (
+    CUT_COVERED_FRACTION,
+    MergeOptions,
+    box_rings,
+    detection_ids,
+    merge_boxes,
+    overlapping_pairs,
+    touches_inner_edge,
+    valid_fraction,
+)
+
+
+def reference_merge(boxes, scores, class_ids, is_cut, options=MergeOptions()):
+    """The definition, quadratic and obvious: edge rule, then class-aware greedy NMS."""
+    count = len(boxes)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+    def intersection(i, j):
+        w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+        h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+        return max(w, 0) * max(h, 0)
+
+    alive = np.ones(count, dtype=bool)
+    for i in range(count):
+        if not is_cut[i]:
+            continue
+        for j in range(count):
+            if is_cut[j] or class_ids[j] != class_ids[i]:
+                continue
+            inter = intersection(i, j)
+            if inter > 0 and inter >= CUT_COVERED_FRACTION * areas[i]:
+                alive[i] = False
+    order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
+    kept = []
+    for i in order:
+        if not alive[i]:
+            continue
+        suppressed = False
+        for j in kept:
+            if options.class_aware and class_ids[j] != class_ids[i]:
+                continue
+            inter = intersection(i, j)
+            if inter <= 0:
+                continue
+            if options.metric == "iou":
+                overlap = inter / (areas[i] + areas[j] - inter)
+            else:
+                overlap = inter / min(areas[i], areas[j])
+            if overlap > options.iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(i)
+    return np.array(kept, dtype=np.int64)
+
+
+@st.composite
+def scenes_of_boxes(draw, max_boxes=60):
+    count = draw(st.integers(0, max_boxes))
+    extent = draw(st.sampled_from([60.0, 200.0, 1000.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x0 = rng.uniform(0, extent, count)
+    y0 = rng.uniform(0, extent, count)
+    # Clustered duplicates: jitter copies of a few boxes, as overlapping tiles produce.
+    w = rng.uniform(1, 50, count)
+    h = rng.uniform(1, 50, count)
+    copies = rng.integers(0, max(count, 1), count // 3)
+    if count:
+        x0[: len(copies)] = x0[copies] + rng.normal(0, 2, len(copies))
+        y0[: len(copies)] = y0[copies] + rng.normal(0, 2, len(copies))
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+    scores = rng.permutation(count).astype(np.float32) / max(count, 1)  # distinct
+    if draw(st.booleans()):
+        scores = np.round(scores, 1)  # ties
+    class_ids = rng.integers(0, draw(st.integers(1, 3)), count).astype(np.int16)
+    is_cut = rng.random(count) < draw(st.sampled_from([0.0, 0.3]))
+    return boxes, scores, class_ids, is_cut
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scene=scenes_of_boxes(),
+    threshold=st.sampled_from([0.1, 0.3, 0.5, 0.7]),
+    metric=st.sampled_from(["iou", "ios"]),
+)
+def test_merge_equals_the_quadratic_reference(scene, threshold, metric):
+    boxes, scores, class_ids, is_cut = scene
+    options = MergeOptions(iou_threshold=threshold, metric=metric)
+    expected = reference_merge(boxes, scores, class_ids, is_cut, options)
+    assert merge_boxes(boxes, scores, class_ids, is_cut, options).tolist() == expected.tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(scene=scenes_of_boxes(max_boxes=200))
+def test_merge_equals_torchvision_batched_nms_without_cut_boxes(scene):
+    boxes, scores, class_ids, _ = scene
+    boxes = boxes.astype(np.float32).astype(np.float64)  # both sides see the same numbers
+    scores = np.arange(len(scores), dtype=np.float32)[np.argsort(scores)]  # distinct
+    no_cut = np.zeros(len(boxes), dtype=bool)
+    ours = merge_boxes(boxes, scores, class_ids, no_cut, MergeOptions(iou_threshold=0.5))
+    theirs = batched_nms(
+        torch.from_numpy(boxes).float(), torch.from_numpy(scores), torch.from_numpy(class_ids), 0.5
+    ).numpy()
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_long_suppression_chain_is_exact():
+    # Each box overlaps the next (IoU ~0.6) with falling score: greedy keeps every other one.
+    count = 301
+    x0 = np.arange(count) * 4.0
+    boxes = np.stack([x0, np.zeros(count), x0 + 16, np.full(count, 10.0)], axis=1)
+    scores = np.linspace(1, 0.1, count).astype(np.float32)
+    kept = merge_boxes(boxes, scores, np.zeros(count, np.int16), np.zeros(count, bool))
+    expected = reference_merge(boxes, scores, np.zeros(count, np.int16), np.zeros(count, bool))
+    assert kept.tolist() == expected.tolist()
+
+
+def test_pairs_are_found_once_across_grid_cells_including_a_huge_box():
+    boxes = np.array(
+        [[0, 0, 10, 10], [5, 5, 15, 15], [100, 100, 110, 110], [0, 0, 1000, 1000], [9, 9, 30, 30]],
+        dtype=np.float64,
+    )
+    a, b, inter = overlapping_pairs(boxes)
+    pairs = sorted(zip(a.tolist(), b.tolist()))
+    assert pairs == [(0, 1), (0, 3), (0, 4), (1, 3), (1, 4), (2, 3), (3, 4)]
+    assert inter[pairs.index((0, 1))] == 25
+
+
+def test_cut_half_does_not_survive_beside_the_whole_box():
+    whole = [100, 10, 130, 40]
+    half = [112, 10, 130, 40]  # the same object seen by the next tile, cut at x=112
+    boxes = np.array([half, whole], dtype=np.float64)
+    kept = merge_boxes(boxes, np.array([0.99, 0.5], np.float32), np.zeros(2, np.int16),
+                       np.array([True, False]))
+    assert kept.tolist() == [1]
+
+
+def test_cut_box_without_whole_box_is_kept():
+    boxes = np.array([[0, 0, 100, 30]], dtype=np.float64)
+    assert merge_boxes(boxes, np.ones(1, np.float32), np.zeros(1, np.int16),
+                       np.array([True])).tolist() == [0]
+
+
+def test_touches_inner_edge_only_for_inner_sides():
+    boxes = np.array([[0, 10, 20, 20], [50, 50, 100, 60], [30, 0, 40, 10]], dtype=np.float32)
+    cut = touches_inner_edge(boxes, 100, 100, (True, False, False, False), 1.0)
+    assert cut.tolist() == [True, False, False]
+    cut = touches_inner_edge(boxes, 100, 100, (False, True, True, False), 1.0)
+    assert cut.tolist() == [False, True, True]
+
+
+def test_valid_fraction():
+    valid = np.zeros((10, 10), np.uint8)
+    valid[:, :5] = 1
+    boxes = np.array([[0, 0, 4, 4], [3, 0, 7, 10], [6, 6, 9, 9]], dtype=np.float32)
+    assert valid_fraction(boxes, valid).tolist() == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        Affine(0.5, 0, 500000, 0, -0.5, 4650000),  # north-up
+        Affine(0.5, 0, 500000, 0, 0.5, 4640000),  # south-up
+        Affine.translation(500000, 4650000) @ Affine.rotation(30) @ Affine.scale(0.5, -0.5),
+    ],
+)
+def test_box_rings_follow_the_full_affine(transform):
+    box = np.array([[10, 20, 30, 60]], dtype=np.float64)
+    ring = box_rings(box, tuple(transform)[:6])[0]
+    corners = [(10, 20), (30, 20), (30, 60), (10, 60), (10, 20)]
+    for (x, y), (col, row) in zip(ring, corners):
+        ex, ey = transform @ (col, row)
+        assert x == pytest.approx(ex, abs=1e-6) and y == pytest.approx(ey, abs=1e-6)
+
+
+def test_upper_left_convention_has_no_half_pixel_shift():
+    transform = Affine(2.0, 0, 1000, 0, -2.0, 5000)
+    ring = box_rings(np.array([[0, 0, 1, 1]], dtype=np.float64), tuple(transform)[:6])[0]
+    assert ring[0].tolist() == [1000, 5000]  # the raster's own corner
+    assert ring[2].tolist() == [1002, 4998]
+
+
+def test_detection_ids_are_stable_and_distinct():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 11]], dtype=np.float32)
+    classes = np.zeros(2, np.int16)
+    first = detection_ids("s", "m", "h", boxes, classes)
+    assert first == detection_ids("s", "m", "h", boxes, classes)
+    assert len(set(first)) == 2
+    assert first != detection_ids("s", "m2", "h", boxes, classes)

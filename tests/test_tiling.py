@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import rasterio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import SceneError
+from pipeline.rasters import inspect_raster, open_raster
+from pipeline.tiling import axis_offsets, inner_edges, plan_tiles, read_tile, to_uint8
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    width=st.integers(1, 3000),
+    height=st.integers(1, 3000),
+    tile_size=st.integers(32, 700),
+    overlap_fraction=st.floats(0.0, 0.49),
+)
+def test_plan_covers_every_pixel_with_full_tiles_inside_and_cores_partition(
+    width, height, tile_size, overlap_fraction
+):
+    overlap = int(tile_size * overlap_fraction)
+    tiles = plan_tiles(width, height, tile_size, overlap)
+    covered = np.zeros((height, width), dtype=np.int32)
+    cores = np.zeros((height, width), dtype=np.int32)
+    for tile in tiles:
+        assert (tile.width, tile.height) == (tile_size, tile_size)
+        assert tile.col_off >= 0 and tile.row_off >= 0
+        if width >= tile_size:
+            assert tile.col_off + tile.width <= width
+        else:
+            assert tile.col_off == 0
+        if height >= tile_size:
+            assert tile.row_off + tile.height <= height
+        else:
+            assert tile.row_off == 0
+        covered[tile.row_off : tile.row_off + tile_size, tile.col_off : tile.col_off + tile_size] += 1
+        # The core lies inside the tile's window.
+        assert tile.col_off <= tile.core_col_off
+        assert tile.core_col_off + tile.core_width <= tile.col_off + tile_size
+        assert tile.row_off <= tile.core_row_off
+        assert tile.core_row_off + tile.core_height <= tile.row_off + tile_size
+        cores[
+            tile.core_row_off : tile.core_row_off + tile.core_height,
+            tile.core_col_off : tile.core_col_off + tile.core_width,
+        ] += 1
+    assert (covered >= 1).all()
+    assert (cores == 1).all()
+
+
+@given(size=st.integers(1, 5000), tile=st.integers(32, 600), overlap=st.integers(0, 15))
+def test_neighbours_overlap_at_least_by_overlap(size, tile, overlap):
+    offsets = axis_offsets(size, tile, overlap)
+    assert offsets == sorted(set(offsets))
+    for left, right in zip(offsets, offsets[1:]):
+        assert left + tile - right >= overlap
+
+
+def test_tile_count_formula():
+    # 3072 px, 512 tiles, 64 overlap: stride 448, ceil(2560 / 448) + 1 = 7 per axis.
+    assert len(plan_tiles(3072, 3072, 512, 64)) == 49
+    assert axis_offsets(3072, 512, 64)[-1] == 3072 - 512
+
+
+def test_inner_edges():
+    assert inner_edges(0, 0, 100, 300, 300) == (False, False, True, True)
+    assert inner_edges(200, 100, 100, 300, 300) == (True, True, False, True)
+
+
+def test_uint16_scaling_and_nan():
+    data = np.array([[[0, 500, 1000, np.nan]]], dtype=np.float32)
+    assert to_uint8(data, (0.0, 1000.0))[0, :, 0].tolist() == [0, 127, 255, 0]
+
+
+def test_read_pads_a_raster_smaller_than_a_tile(make_raster):
+    path = make_raster(width=100, height=60)
+    tile = plan_tiles(100, 60, 128, 16)[0]
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 255.0))
+        expected = np.moveaxis(dataset.read(), 0, -1)
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+    assert (image[:60, :100] == expected).all()
+    assert valid[:60, :100].all() and not valid[60:].any() and not valid[:, 100:].any()
+
+
+def test_nodata_is_invalid_and_zeroed(make_raster):
+    data = np.full((3, 64, 64), 50, dtype=np.uint16)
+    data[:, :, :20] = 0
+    path = make_raster(width=64, height=64, dtype="uint16", nodata=0, data=data)
+    tile = plan_tiles(64, 64, 64, 0)[0]
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 100.0))
+    assert not valid[:, :20].any() and valid[:, 20:].all()
+    assert (image[:, 20:] == 127).all() and (image[:, :20] == 0).all()
+
+
+def test_inspect_reads_crs_transform_and_percentile_range(make_raster):
+    rng = np.random.default_rng(1)
+    data = rng.integers(1000, 3000, size=(4, 200, 200)).astype("uint16")
+    path = make_raster(width=200, height=200, count=4, dtype="uint16", data=data)
+    info = inspect_raster("s1", str(path), [3, 2, 1], None)
+    assert info.bands == (3, 2, 1)
+    assert 1000 <= info.scale_range[0] < info.scale_range[1] <= 3000
+    assert info.crs_name == "EPSG:32633"
+
+
+def test_single_band_is_repeated_to_three(make_raster):
+    path = make_raster(count=1)
+    assert inspect_raster("s1", str(path), None, None).bands == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"crs": None}, "no CRS"),
+        ({"transform": None}, "no geotransform"),
+        ({"count": 2}, "name three in tiling.bands"),
+    ],
+)
+def test_bad_rasters_fail_with_the_scene_named(make_raster, kwargs, message):
+    path = make_raster(**kwargs)
+    with pytest.raises(SceneError, match=message) as caught:
+        inspect_raster("bad-scene", str(path), None, None)
+    assert "bad-scene" in str(caught.value)
+
+
+def test_band_out_of_range(make_raster):
+    path = make_raster(count=3)
+    with pytest.raises(SceneError, match=r"asks for \[4\]"):
+        inspect_raster("s", str(path), [4, 3, 2], None)
+
+
+def test_truncated_file_fails_in_preflight(make_raster, tmp_path):
+    path = make_raster(width=512, height=512)
+    blob = path.read_bytes()
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(SceneError, match="broken"):
+        inspect_raster("broken", str(broken), None, None)
+
+
+def test_not_a_raster(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("hello")
+    with pytest.raises(SceneError, match="cannot be read as a raster"):
+        inspect_raster("notes", str(path), None, None)
+
+
+def test_fsspec_memory_uri_is_read(make_raster):
+    import fsspec
+
+    path = make_raster(width=64, height=64)
+    with fsspec.open("memory://bucket/scene.tif", "wb") as handle:
+        handle.write(path.read_bytes())
+    info = inspect_raster("m", "memory://bucket/scene.tif", None, None)
+    assert (info.width, info.height) == (64, 64)
+    with open_raster("memory://bucket/scene.tif") as dataset, rasterio.open(path) as local:
+        assert (dataset.read() == local.read()).all()
