@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a job file on local Ray or a cluster")
     run.add_argument("job", help="job YAML")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)",
+    )
     run.add_argument("--run-id", default=None, help="run id (default: time + random)")
     run.add_argument("--force", action="store_true", help="redo scenes already done")
     run.set_defaults(func=cmd_run)

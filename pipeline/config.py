@@ -199,10 +199,11 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         try:
             model = yaml.safe_load(Path(preset).read_text())
         except (OSError, yaml.YAMLError) as error:
-            raise JobSpecError(str(base), [f"model: cannot load preset {model!r}: {error}"])
+            raise JobSpecError(
+                str(base), [f"model: cannot load preset {model!r}: {error}"]
+            ) from None
         data["model"] = model
     if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
         if _is_local_relative(model["checkpoint"]):
             data["model"] = {**model, "checkpoint": _join(base, model["checkpoint"])}
     return data
-

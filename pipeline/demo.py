@@ -51,15 +51,19 @@ def run_demo(job_path: Path, size: int = 3072, address: str | None = None) -> in
     spec = load_job(job_path)
     scene, planted = ensure_demo_scene(spec, size)
     seam_count = sum(p.on_seam for p in planted)
-    print(f"scene: {scene} ({size}x{size} px, {len(planted)} planted objects, "
-          f"{seam_count} across tile edges)")
+    print(
+        f"scene: {scene} ({size}x{size} px, {len(planted)} planted objects, "
+        f"{seam_count} across tile edges)"
+    )
 
     report = run_job(spec, address=address, force=True, progress=lambda line: None)
     precision, recall, _ = precision_recall(report, planted)
     print(f"model: {report.model_id}")
     if spec.model.checkpoint is None:
-        print("note: this model is UNTRAINED (no demo checkpoint yet): its detections are "
-              "noise; the reference detector below checks tiling, merging and georeferencing")
+        print(
+            "note: this model is UNTRAINED (no demo checkpoint yet): its detections are "
+            "noise; the reference detector below checks tiling, merging and georeferencing"
+        )
     print(f"scenes: {report.count('done')} done, {report.count('failed')} failed")
     print(f"tiles: {report.tiles}")
     print(f"tiles_per_s: {report.tiles_per_s:.2f}")
@@ -68,17 +72,23 @@ def run_demo(job_path: Path, size: int = 3072, address: str | None = None) -> in
     print(f"recall: {recall:.2f}")
     print(f"output: {report.output}")
 
-    reference = spec.model_copy(update={
-        "model": spec.model.model_copy(update={"kind": "threshold"}),
-        "output": spec.output.model_copy(update={"path": spec.output.path + "-reference"}),
-    })
+    reference = spec.model_copy(
+        update={
+            "model": spec.model.model_copy(update={"kind": "threshold"}),
+            "output": spec.output.model_copy(update={"path": spec.output.path + "-reference"}),
+        }
+    )
     ref_report = run_job(reference, address=address, force=True, progress=lambda line: None)
     ref_precision, ref_recall, seam_hits = precision_recall(ref_report, planted)
-    print(f"reference detector (bright-blob threshold, same tiles and merge): "
-          f"{ref_report.detections} detections, precision {ref_precision:.2f}, "
-          f"recall {ref_recall:.2f}, seam objects found {seam_hits}/{seam_count}")
+    print(
+        f"reference detector (bright-blob threshold, same tiles and merge): "
+        f"{ref_report.detections} detections, precision {ref_precision:.2f}, "
+        f"recall {ref_recall:.2f}, seam objects found {seam_hits}/{seam_count}"
+    )
     print(f"reference output: {ref_report.output}")
-    print('query it: python -c "import geopandas; '
-          f"print(geopandas.read_parquet('{ref_report.scenes[0].output}').head())\"")
+    print(
+        'query it: python -c "import geopandas; '
+        f"print(geopandas.read_parquet('{ref_report.scenes[0].output}').head())\""
+    )
     failed = report.count("failed") + ref_report.count("failed")
     return 1 if failed else 0

@@ -46,7 +46,7 @@ def scene_output_uri(output_root: str, scene_id: str) -> str:
 def gather_candidates(
     context: SceneContext, offsets: list[tuple[int, int]], found: list[TileDetections]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All tiles' boxes in scene pixels, with scores, class ids and the 'cut by a tile edge' flag."""
+    """All tiles' boxes in scene pixels, with scores, class ids and a 'cut by a tile edge' flag."""
     boxes, scores, class_ids, is_cut = [], [], [], []
     for (col_off, row_off), detections in zip(offsets, found, strict=True):
         if len(detections.boxes) == 0:
@@ -56,7 +56,10 @@ def gather_candidates(
         )
         is_cut.append(
             touches_inner_edge(
-                detections.boxes, context.tile_size, context.tile_size, inner,
+                detections.boxes,
+                context.tile_size,
+                context.tile_size,
+                inner,
                 context.edge_tolerance,
             )
         )
@@ -65,15 +68,16 @@ def gather_candidates(
         scores.append(detections.scores)
         class_ids.append(detections.class_ids)
     if not boxes:
-        return (np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int16),
-                np.zeros(0, bool))
-    return (np.concatenate(boxes), np.concatenate(scores), np.concatenate(class_ids),
-            np.concatenate(is_cut))
+        return (np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, bool))
+    return (
+        np.concatenate(boxes),
+        np.concatenate(scores),
+        np.concatenate(class_ids),
+        np.concatenate(is_cut),
+    )
 
 
-def rings_in_crs(
-    pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str
-) -> np.ndarray:
+def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> np.ndarray:
     """Box rings in the output CRS: affine to the scene's CRS, then one pyproj call."""
     rings = box_rings(pixel_boxes, info.transform)
     source, target = CRS.from_wkt(info.crs_wkt), CRS.from_user_input(output_crs)

@@ -6,7 +6,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +16,15 @@ import shapely
 GEOPARQUET_VERSION = "1.1.0"
 
 # shapely type ids to GeoParquet geometry type names (2D).
-_TYPE_NAMES = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
-               6: "MultiPolygon", 7: "GeometryCollection"}
+_TYPE_NAMES = {
+    0: "Point",
+    1: "LineString",
+    3: "Polygon",
+    4: "MultiPoint",
+    5: "MultiLineString",
+    6: "MultiPolygon",
+    7: "GeometryCollection",
+}
 
 BBOX_TYPE = pa.struct(
     [
@@ -71,7 +78,9 @@ def hilbert_index(x: np.ndarray, y: np.ndarray, order: int = 16) -> np.ndarray:
     return distance
 
 
-def hilbert_order(xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray) -> np.ndarray:
+def hilbert_order(
+    xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray
+) -> np.ndarray:
     """Row order along a Hilbert curve through box centres, so bbox filters skip row groups."""
     if len(xmin) < 2:
         return np.arange(len(xmin))
@@ -137,7 +146,7 @@ def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 
     pixel = rows.pixel_boxes[order].astype(np.float32)
     acquired = rows.acquired_at
     if acquired is not None and acquired.tzinfo is None:
-        acquired = acquired.replace(tzinfo=timezone.utc)
+        acquired = acquired.replace(tzinfo=UTC)
     columns = {
         "scene_id": pa.array([rows.scene_id] * count, pa.string()),
         "detection_id": pa.array([rows.detection_ids[i] for i in order], pa.string()),

@@ -136,10 +136,9 @@ def overlapping_pairs(
     ix1 = np.minimum(boxes[a, 2], boxes[b, 2])
     iy1 = np.minimum(boxes[a, 3], boxes[b, 3])
     intersection = np.maximum(ix1 - ix0, 0) * np.maximum(iy1 - iy0, 0)
-    owner = (
-        np.floor((ix0 - origin_x) / cell).astype(np.int64) * rows
-        + np.floor((iy0 - origin_y) / cell).astype(np.int64)
-    )
+    owner = np.floor((ix0 - origin_x) / cell).astype(np.int64) * rows + np.floor(
+        (iy0 - origin_y) / cell
+    ).astype(np.int64)
     keep = (intersection > 0) & (owner == pair_cell)
     a, b, intersection = a[keep], b[keep], intersection[keep]
     swap = a > b

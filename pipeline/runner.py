@@ -69,8 +69,10 @@ def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.nda
     images = np.zeros((count, tile_size, tile_size, 3), dtype=np.uint8)
     valid = np.zeros((count, tile_size, tile_size), dtype=np.uint8)
     error = ""
-    tiles = [Tile(0, 0, int(c), int(r), tile_size, tile_size, 0, 0, 0, 0)
-             for c, r in zip(col_offs, row_offs, strict=True)]
+    tiles = [
+        Tile(0, 0, int(c), int(r), tile_size, tile_size, 0, 0, 0, 0)
+        for c, r in zip(col_offs, row_offs, strict=True)
+    ]
     try:
         for position, (_, image, mask) in enumerate(iter_tiles(uri, tiles, bands, scale)):
             images[position], valid[position] = image, mask
@@ -187,8 +189,9 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=target, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        address=target, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
 
 
 def check_output_writable(output_root: str) -> None:
@@ -261,8 +264,18 @@ def run_job(
     def fail(scene: Scene, error: str, tiles: int = 0) -> None:
         progress(f"  failed {scene.scene_id}: {error}")
         report.scenes.append(SceneOutcome(scene.scene_id, scene.uri, "failed", tiles, error=error))
-        ledger.record(LedgerRecord(scene.scene_id, scene.identity, model_id, settings_hash,
-                                   "failed", run_id, now(), error=error))
+        ledger.record(
+            LedgerRecord(
+                scene.scene_id,
+                scene.identity,
+                model_id,
+                settings_hash,
+                "failed",
+                run_id,
+                now(),
+                error=error,
+            )
+        )
 
     if not todo:
         return _finish(report, started, output_root)
@@ -329,11 +342,24 @@ def run_job(
         except Exception as error:  # noqa: BLE001 - recorded per scene
             fail(state.scene, f"merge/write failed: {error}", state.expected)
             continue
-        ledger.record(LedgerRecord(scene_id, state.scene.identity, model_id, settings_hash,
-                                   "done", run_id, now(), detections=rows,
-                                   output=state.context.output_uri))
-        report.scenes.append(SceneOutcome(scene_id, state.scene.uri, "done", state.expected,
-                                          rows, state.context.output_uri))
+        ledger.record(
+            LedgerRecord(
+                scene_id,
+                state.scene.identity,
+                model_id,
+                settings_hash,
+                "done",
+                run_id,
+                now(),
+                detections=rows,
+                output=state.context.output_uri,
+            )
+        )
+        report.scenes.append(
+            SceneOutcome(
+                scene_id, state.scene.uri, "done", state.expected, rows, state.context.output_uri
+            )
+        )
         progress(f"  done {scene_id}: {state.expected} tiles, {rows} detections")
     for scene_id, state in pending.items():
         if scene_id not in merges and state.error is None:
@@ -380,7 +406,8 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
     report.wall_s = time.perf_counter() - started
     report.tiles_per_s = report.tiles / report.wall_s if report.wall_s > 0 else 0.0
     report.detections = sum(s.detections for s in report.scenes)
-    with fsspec.open(f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w",
-                     auto_mkdir=True) as handle:
+    with fsspec.open(
+        f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w", auto_mkdir=True
+    ) as handle:
         handle.write(json.dumps(report.as_dict(), indent=2, default=str))
     return report

@@ -38,8 +38,14 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
             rng = np.random.default_rng(seed)
             data = rng.integers(0, 120, size=(count, height, width)).astype(dtype)
         profile = {
-            "driver": "GTiff", "width": width, "height": height, "count": count,
-            "dtype": dtype, "tiled": True, "blockxsize": 128, "blockysize": 128,
+            "driver": "GTiff",
+            "width": width,
+            "height": height,
+            "count": count,
+            "dtype": dtype,
+            "tiled": True,
+            "blockxsize": 128,
+            "blockysize": 128,
         }
         if crs is not None:
             profile["crs"] = crs

@@ -50,11 +50,15 @@ def test_relative_paths_are_relative_to_the_job_file(tmp_path: Path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "m.yaml").write_text(yaml.safe_dump({"classes": ["ship", "boat"]}))
     job = tmp_path / "jobs" / "j.yaml"
-    job.write_text(yaml.safe_dump({
-        "inputs": ["../data/a.tif", "s3://bucket/b.tif"],
-        "model": "../configs/m.yaml",
-        "output": {"path": "../out"},
-    }))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": ["../data/a.tif", "s3://bucket/b.tif"],
+                "model": "../configs/m.yaml",
+                "output": {"path": "../out"},
+            }
+        )
+    )
     spec = load_job(job)
     assert spec.inputs == [str(tmp_path / "data" / "a.tif"), "s3://bucket/b.tif"]
     assert spec.output.path == str(tmp_path / "out")

@@ -13,9 +13,9 @@ import pytest
 import referencing
 from pyproj import CRS
 
-from pipeline.geoparquet import hilbert_index
-from pipeline.finalize import SceneContext, finalize_scene
 from pipeline.detect import TileDetections
+from pipeline.finalize import SceneContext, finalize_scene
+from pipeline.geoparquet import hilbert_index
 from pipeline.merge import MergeOptions
 from pipeline.rasters import RasterInfo
 
@@ -38,10 +38,16 @@ def geo_validator() -> jsonschema.Draft7Validator:
 
 
 INFO = RasterInfo(
-    width=1000, height=1000, count=3, dtype="uint8",
-    crs_wkt=CRS.from_epsg(32633).to_wkt(), crs_name="EPSG:32633",
+    width=1000,
+    height=1000,
+    count=3,
+    dtype="uint8",
+    crs_wkt=CRS.from_epsg(32633).to_wkt(),
+    crs_name="EPSG:32633",
     transform=(0.5, 0.0, 500000.0, 0.0, -0.5, 4650000.0),
-    bands=(1, 2, 3), scale_range=(0.0, 255.0), acquired_at=datetime(2026, 6, 1, 10, 30),
+    bands=(1, 2, 3),
+    scale_range=(0.0, 255.0),
+    acquired_at=datetime(2026, 6, 1, 10, 30),
 )
 
 
@@ -50,13 +56,25 @@ def write_scene(tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500) -> Pat
     x0 = rng.uniform(0, 900, count)
     y0 = rng.uniform(0, 900, count)
     boxes = np.stack([x0, y0, x0 + 20, y0 + 20], axis=1).astype(np.float32)
-    found = TileDetections(boxes, rng.uniform(0.1, 1, count).astype(np.float32),
-                           rng.integers(0, 2, count).astype(np.int16))
+    found = TileDetections(
+        boxes,
+        rng.uniform(0.1, 1, count).astype(np.float32),
+        rng.integers(0, 2, count).astype(np.int16),
+    )
     output = tmp_path / "out" / "detections" / "s1.parquet"
     context = SceneContext(
-        scene_id="s1", scene_uri="/data/s1.tif", info=INFO, tile_size=1000, edge_tolerance=2.0,
-        merge=MergeOptions(), class_names=("ship", "boat"), model_id="m:1",
-        settings_hash="abc", run_id="r1", output_crs=crs, output_uri=str(output),
+        scene_id="s1",
+        scene_uri="/data/s1.tif",
+        info=INFO,
+        tile_size=1000,
+        edge_tolerance=2.0,
+        merge=MergeOptions(),
+        class_names=("ship", "boat"),
+        model_id="m:1",
+        settings_hash="abc",
+        run_id="r1",
+        output_crs=crs,
+        output_uri=str(output),
         row_group_size=100,
     )
     finalize_scene(context, [(0, 0)], [found])

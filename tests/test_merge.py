@@ -18,8 +18,9 @@ from pipeline.merge import (
 )
 
 
-def reference_merge(boxes, scores, class_ids, is_cut, options=MergeOptions()):
+def reference_merge(boxes, scores, class_ids, is_cut, options=None):
     """The definition, quadratic and obvious: edge rule, then class-aware greedy NMS."""
+    options = options or MergeOptions()
     count = len(boxes)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
@@ -129,7 +130,7 @@ def test_pairs_are_found_once_across_grid_cells_including_a_huge_box():
         dtype=np.float64,
     )
     a, b, inter = overlapping_pairs(boxes)
-    pairs = sorted(zip(a.tolist(), b.tolist()))
+    pairs = sorted(zip(a.tolist(), b.tolist(), strict=False))
     assert pairs == [(0, 1), (0, 3), (0, 4), (1, 3), (1, 4), (2, 3), (3, 4)]
     assert inter[pairs.index((0, 1))] == 25
 
@@ -138,15 +139,17 @@ def test_cut_half_does_not_survive_beside_the_whole_box():
     whole = [100, 10, 130, 40]
     half = [112, 10, 130, 40]  # the same object seen by the next tile, cut at x=112
     boxes = np.array([half, whole], dtype=np.float64)
-    kept = merge_boxes(boxes, np.array([0.99, 0.5], np.float32), np.zeros(2, np.int16),
-                       np.array([True, False]))
+    kept = merge_boxes(
+        boxes, np.array([0.99, 0.5], np.float32), np.zeros(2, np.int16), np.array([True, False])
+    )
     assert kept.tolist() == [1]
 
 
 def test_cut_box_without_whole_box_is_kept():
     boxes = np.array([[0, 0, 100, 30]], dtype=np.float64)
-    assert merge_boxes(boxes, np.ones(1, np.float32), np.zeros(1, np.int16),
-                       np.array([True])).tolist() == [0]
+    assert merge_boxes(
+        boxes, np.ones(1, np.float32), np.zeros(1, np.int16), np.array([True])
+    ).tolist() == [0]
 
 
 def test_touches_inner_edge_only_for_inner_sides():
@@ -176,7 +179,7 @@ def test_box_rings_follow_the_full_affine(transform):
     box = np.array([[10, 20, 30, 60]], dtype=np.float64)
     ring = box_rings(box, tuple(transform)[:6])[0]
     corners = [(10, 20), (30, 20), (30, 60), (10, 60), (10, 20)]
-    for (x, y), (col, row) in zip(ring, corners):
+    for (x, y), (col, row) in zip(ring, corners, strict=False):
         ex, ey = transform @ (col, row)
         assert x == pytest.approx(ex, abs=1e-6) and y == pytest.approx(ey, abs=1e-6)
 

@@ -34,7 +34,9 @@ def test_plan_covers_every_pixel_with_full_tiles_inside_and_cores_partition(
             assert tile.row_off + tile.height <= height
         else:
             assert tile.row_off == 0
-        covered[tile.row_off : tile.row_off + tile_size, tile.col_off : tile.col_off + tile_size] += 1
+        covered[
+            tile.row_off : tile.row_off + tile_size, tile.col_off : tile.col_off + tile_size
+        ] += 1
         # The core lies inside the tile's window.
         assert tile.col_off <= tile.core_col_off
         assert tile.core_col_off + tile.core_width <= tile.col_off + tile_size
@@ -52,7 +54,7 @@ def test_plan_covers_every_pixel_with_full_tiles_inside_and_cores_partition(
 def test_neighbours_overlap_at_least_by_overlap(size, tile, overlap):
     offsets = axis_offsets(size, tile, overlap)
     assert offsets == sorted(set(offsets))
-    for left, right in zip(offsets, offsets[1:]):
+    for left, right in zip(offsets, offsets[1:], strict=False):
         assert left + tile - right >= overlap
 
 

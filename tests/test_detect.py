@@ -1,0 +1,146 @@
+"""RetinaNet construction, checkpoints, and the batched detector path (no Ray)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelSettings
+from pipeline.detect import RetinaNetDetector, ThresholdDetector, detect_tiles
+from pipeline.errors import CheckpointError
+from pipeline.model import build_model, load_model
+
+TILE = 128
+
+
+def settings(**kwargs) -> ModelSettings:
+    # Low threshold: an untrained head scores ~0.01, and the test needs boxes to compare.
+    base = {
+        "backbone": "resnet18_fpn",
+        "classes": ["ship", "boat"],
+        "score_threshold": 0.001,
+        "detections_per_tile": 50,
+    }
+    return ModelSettings(**{**base, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tiles() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, size=(3, TILE, TILE, 3), dtype=np.uint8)
+
+
+def test_model_does_not_resize_tiles(tiles):
+    model = build_model(settings(), TILE)
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    images, _ = model.transform(list(x))
+    assert images.tensors.shape[-2:] == (TILE, TILE)
+    assert model.head.classification_head.num_classes == 2
+
+
+def test_batched_detector_equals_a_per_tile_model_loop(tiles):
+    detector = RetinaNetDetector(settings(), TILE, device="cpu", torch_threads=2)
+    batched = detector(tiles)
+    model = build_model(settings(), TILE)
+    assert len(batched) == len(tiles)
+    for image, found in zip(tiles, batched, strict=False):
+        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        with torch.inference_mode():
+            (expected,) = model([x])
+        assert found.boxes.dtype == np.float32 and found.boxes.shape[1] == 4
+        assert found.scores.dtype == np.float32 and found.class_ids.dtype == np.int16
+        assert len(found.boxes) == len(expected["boxes"]) > 0
+        np.testing.assert_allclose(found.boxes, expected["boxes"].numpy(), atol=1e-3)
+        np.testing.assert_allclose(found.scores, expected["scores"].numpy(), atol=1e-5)
+        assert (found.class_ids == expected["labels"].numpy()).all()
+
+
+def test_all_nodata_tiles_never_reach_the_detector(tiles):
+    calls = []
+
+    class Recorder:
+        model_id = "recorder"
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return ThresholdDetector(settings(kind="threshold"))(images)
+
+    valid = np.ones(tiles.shape[:3], np.uint8)
+    valid[1] = 0
+    found = detect_tiles(Recorder(), tiles, valid, np.array([True, True, False]), 0.5)
+    assert calls == [1]  # tile 1 is nodata, tile 2 failed to read
+    assert len(found) == 3
+
+
+def test_boxes_mostly_on_nodata_are_dropped():
+    image = np.zeros((1, 64, 64, 3), np.uint8)
+    image[0, 10:20, 10:20] = 255  # on valid pixels
+    image[0, 40:50, 40:50] = 255  # on nodata
+    valid = np.ones((1, 64, 64), np.uint8)
+    valid[0, 32:, 32:] = 0
+    detector = ThresholdDetector(settings(kind="threshold", threshold_min_pixels=4))
+    (found,) = detect_tiles(detector, image, valid, np.array([True]), 0.5)
+    assert found.boxes.tolist() == [[10, 10, 20, 20]]
+
+
+def test_checkpoint_round_trip_with_sha256(tmp_path, tiles):
+    model = build_model(settings(), TILE)
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.fill_(0.5)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict()}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded, model_id = load_model(settings(checkpoint=str(path), checkpoint_sha256=digest), TILE)
+    assert model_id.endswith(digest[:12])
+    assert torch.equal(
+        loaded.head.classification_head.cls_logits.bias,
+        model.head.classification_head.cls_logits.bias,
+    )
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build_model(settings(), TILE)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    load_model(settings(checkpoint=str(path)), TILE)
+
+
+def test_wrong_sha256_fails(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(build_model(settings(), TILE).state_dict(), path)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(settings(checkpoint=str(path), checkpoint_sha256="0" * 64), TILE)
+
+
+def test_checkpoint_with_other_classes_names_the_shapes(tmp_path):
+    path = tmp_path / "three_classes.pt"
+    torch.save(build_model(settings(classes=["a", "b", "c"]), TILE).state_dict(), path)
+    with pytest.raises(CheckpointError, match="shapes differ.*cls_logits"):
+        load_model(settings(checkpoint=str(path)), TILE)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a loadable state dict"):
+        load_model(settings(checkpoint=str(path)), TILE)
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        load_model(settings(checkpoint=str(path)), TILE)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(settings(checkpoint=str(tmp_path / "nope.pt")), TILE)
