@@ -89,7 +89,7 @@ class DetectSettings(_Strict):
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU inference threads per actor; default: all cores."
+        None, ge=1, description="CPU inference threads per actor; default: cores / num_actors."
     )
 
 
