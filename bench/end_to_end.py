@@ -44,7 +44,7 @@ def _bare_worker(tiles_path: str, share: slice, spec_json: str, barrier, results
         model([torch.zeros(3, spec.tiling.tile_size, spec.tiling.tile_size)])  # warm-up
         barrier.wait()
         for start in range(0, len(tiles), batch):
-            chunk = np.ascontiguousarray(tiles[start : start + batch])
+            chunk = np.array(tiles[start : start + batch])  # a writable copy, as the actor gets
             x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float() / 255
             model(list(x))
     results.put(time.perf_counter())

@@ -81,6 +81,8 @@ class RetinaNetDetector:
 
         if len(images) == 0:
             return []
+        if not images.flags.writeable:  # Ray hands out read-only views of its object store
+            images = images.copy()
         batch = torch.from_numpy(np.ascontiguousarray(images))
         on_gpu = self.device.type == "cuda"
         if on_gpu:

@@ -92,14 +92,19 @@ def overlapping_pairs(
 
     Each box is hashed into every grid cell it covers (cells about twice the median box
     side, so most boxes cover one to four); a pair is reported only by the cell that holds
-    the upper-left corner of its intersection, hence exactly once. Work is linear in the
-    number of boxes times the local density.
+    the upper-left corner of its intersection, hence exactly once. Classes get separate
+    grids. Work is linear in the number of boxes times the local density.
     """
     empty = np.zeros(0, dtype=np.int64)
     count = len(boxes)
     if count < 2:
         return empty, empty, np.zeros(0, dtype=np.float64)
     boxes = boxes.astype(np.float64, copy=False)
+    if class_ids is None:
+        groups, group_count = np.zeros(count, dtype=np.int64), 1
+    else:
+        unique, groups = np.unique(class_ids, return_inverse=True)
+        group_count = len(unique)
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     cell = max(float(np.median(sides)) * 2.0, 1e-3)
     origin_x, origin_y = boxes[:, 0].min(), boxes[:, 1].min()
@@ -109,6 +114,14 @@ def overlapping_pairs(
     cy1 = np.floor((boxes[:, 3] - origin_y) / cell).astype(np.int64)
     rows = int(cy1.max()) + 1
 
+    def cell_key(cx: np.ndarray, cy: np.ndarray, group: np.ndarray) -> np.ndarray:
+        return (cx * rows + cy) * group_count + group
+
+    # Work in spatial order: the gathers below then touch memory nearly in sequence.
+    spatial = np.argsort(cell_key(cx0, cy0, groups), kind="stable")
+    boxes, groups = boxes[spatial], groups[spatial]
+    cx0, cy0, cx1, cy1 = cx0[spatial], cy0[spatial], cx1[spatial], cy1[spatial]
+
     # One entry per (box, covered cell).
     span_x, span_y = cx1 - cx0 + 1, cy1 - cy0 + 1
     per_box = span_x * span_y
@@ -116,7 +129,7 @@ def overlapping_pairs(
     within = np.arange(per_box.sum()) - np.repeat(np.cumsum(per_box) - per_box, per_box)
     entry_cx = cx0[entry_box] + within // span_y[entry_box]
     entry_cy = cy0[entry_box] + within % span_y[entry_box]
-    entry_cell = entry_cx * rows + entry_cy
+    entry_cell = cell_key(entry_cx, entry_cy, groups[entry_box])
     order = np.argsort(entry_cell, kind="stable")
     entry_box, entry_cell = entry_box[order], entry_cell[order]
 
@@ -128,19 +141,18 @@ def overlapping_pairs(
     second = first + 1 + offset
     a, b, pair_cell = entry_box[first], entry_box[second], entry_cell[first]
 
-    if class_ids is not None:
-        same = class_ids[a] == class_ids[b]
-        a, b, pair_cell = a[same], b[same], pair_cell[same]
     ix0 = np.maximum(boxes[a, 0], boxes[b, 0])
     iy0 = np.maximum(boxes[a, 1], boxes[b, 1])
     ix1 = np.minimum(boxes[a, 2], boxes[b, 2])
     iy1 = np.minimum(boxes[a, 3], boxes[b, 3])
     intersection = np.maximum(ix1 - ix0, 0) * np.maximum(iy1 - iy0, 0)
-    owner = np.floor((ix0 - origin_x) / cell).astype(np.int64) * rows + np.floor(
-        (iy0 - origin_y) / cell
-    ).astype(np.int64)
+    owner = cell_key(
+        np.floor((ix0 - origin_x) / cell).astype(np.int64),
+        np.floor((iy0 - origin_y) / cell).astype(np.int64),
+        groups[a],
+    )
     keep = (intersection > 0) & (owner == pair_cell)
-    a, b, intersection = a[keep], b[keep], intersection[keep]
+    a, b, intersection = spatial[a[keep]], spatial[b[keep]], intersection[keep]
     swap = a > b
     a, b = np.where(swap, b, a), np.where(swap, a, b)
     return a, b, intersection
