@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python bench/merge.py
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis

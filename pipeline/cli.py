@@ -21,7 +21,7 @@ def _print_report(report: object) -> None:
     print(f"tiles: {report.tiles}")
     print(f"detections: {report.detections}")
     print(f"tiles_per_s: {report.tiles_per_s:.2f}")
-    print(f"wall_s: {report.wall_s:.1f}")
+    print(f"wall_s: {report.wall_s:.1f} (of which starting Ray: {report.ray_start_s:.1f})")
     print(f"output: {report.output}")
     for scene in report.scenes:
         if scene.status == "failed":

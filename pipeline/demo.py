@@ -66,7 +66,9 @@ def run_demo(job_path: Path, size: int = 3072, address: str | None = None) -> in
         )
     print(f"scenes: {report.count('done')} done, {report.count('failed')} failed")
     print(f"tiles: {report.tiles}")
-    print(f"tiles_per_s: {report.tiles_per_s:.2f}")
+    print(
+        f"tiles_per_s: {report.tiles_per_s:.2f} (after Ray's own start, {report.ray_start_s:.0f} s)"
+    )
     print(f"detections: {report.detections}")
     print(f"precision: {precision:.2f}")
     print(f"recall: {recall:.2f}")

@@ -169,6 +169,7 @@ class RunReport:
     model_id: str
     output: str
     wall_s: float = 0.0
+    ray_start_s: float = 0.0  # starting an embedded Ray; tiles_per_s excludes it
     tiles: int = 0
     tiles_per_s: float = 0.0
     detections: int = 0
@@ -288,7 +289,9 @@ def run_job(
 
     if not todo:
         return _finish(report, started, output_root)
+    before_ray = time.perf_counter()
     ensure_ray(address)
+    report.ray_start_s = time.perf_counter() - before_ray
 
     # Pre-flight every scene in parallel: a bad file fails here, in seconds.
     tiling = spec.tiling
@@ -339,7 +342,7 @@ def run_job(
                 if len(state.found) == state.expected:
                     _launch_merge(state, merges, fail)
             if time.perf_counter() - last_report > 10:
-                rate = tiles_seen / (time.perf_counter() - started)
+                rate = tiles_seen / (time.perf_counter() - started - report.ray_start_s)
                 progress(f"  {tiles_seen}/{total_tiles} tiles, {rate:.2f} tiles/s")
                 last_report = time.perf_counter()
         report.tiles = tiles_seen
@@ -422,7 +425,8 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
     import fsspec
 
     report.wall_s = time.perf_counter() - started
-    report.tiles_per_s = report.tiles / report.wall_s if report.wall_s > 0 else 0.0
+    busy = report.wall_s - report.ray_start_s
+    report.tiles_per_s = report.tiles / busy if busy > 0 else 0.0
     report.detections = sum(s.detections for s in report.scenes)
     with fsspec.open(
         f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w", auto_mkdir=True
