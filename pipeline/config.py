@@ -96,7 +96,14 @@ class DetectSettings(_Strict):
 class MergeSettings(_Strict):
     """How cross-tile duplicates are removed."""
 
-    iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    iou_threshold: float = Field(0.5, gt=0.0, le=1.0, description="Overlap that suppresses.")
+    metric: Literal["iou", "ios"] = Field(
+        "iou", description="'iou', or 'ios': intersection over the smaller box."
+    )
+    class_aware: bool = Field(True, description="False: boxes of any class suppress each other.")
+    mode: Literal["suppress", "merge"] = Field(
+        "suppress", description="'merge': the kept box grows to the union of its group."
+    )
     edge_tolerance: float = Field(
         2.0, ge=0.0, description="Pixels from an inner tile edge within which a box is cut."
     )

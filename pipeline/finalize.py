@@ -13,7 +13,7 @@ from pipeline.merge import (
     MergeOptions,
     box_rings,
     detection_ids,
-    merge_boxes,
+    merge_detections,
     touches_inner_edge,
 )
 from pipeline.rasters import RasterInfo
@@ -93,8 +93,8 @@ def finalize_scene(
 ) -> int:
     """Merge a scene's tile detections and write its GeoParquet file; returns the row count."""
     boxes, scores, class_ids, is_cut = gather_candidates(context, offsets, found)
-    keep = merge_boxes(boxes, scores, class_ids, is_cut, context.merge)
-    boxes, scores, class_ids = boxes[keep], scores[keep], class_ids[keep]
+    keep, boxes = merge_detections(boxes, scores, class_ids, is_cut, context.merge)
+    scores, class_ids = scores[keep], class_ids[keep]
     rows = SceneRows(
         scene_id=context.scene_id,
         scene_uri=context.scene_uri,

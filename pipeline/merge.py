@@ -231,24 +231,31 @@ def drop_cut_duplicates(
 
 @dataclass(frozen=True)
 class MergeOptions:
+    """``metric``: IoU, or intersection over the smaller box (IoS, for nested boxes).
+    ``mode``: 'suppress' keeps the best box of each group (NMS); 'merge' keeps the best
+    box's score and class but widens it to the union of the boxes it suppressed."""
+
     iou_threshold: float = 0.5
     metric: Metric = "iou"
     class_aware: bool = True
+    mode: Literal["suppress", "merge"] = "suppress"
 
 
-def merge_boxes(
+def merge_detections(
     boxes: np.ndarray,
     scores: np.ndarray,
     class_ids: np.ndarray,
     is_cut: np.ndarray,
-    options: MergeOptions = MergeOptions(),
-) -> np.ndarray:
-    """Indices of the boxes (scene pixels) that survive the edge rule and then greedy NMS.
+    options: MergeOptions | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edge rule, then greedy NMS, over one scene's boxes (scene pixels).
 
-    Returned in greedy order (score descending, ties by index).
+    Returns ``(kept, out_boxes)``: indices of the surviving boxes in greedy order (score
+    descending, ties by index) and their output boxes, ``(len(kept), 4)``.
     """
+    options = options or MergeOptions()
     if len(boxes) == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4))
     boxes = boxes.astype(np.float64, copy=False)
     same_class = class_ids if options.class_aware else None
     pairs = overlapping_pairs(boxes, same_class)
@@ -259,12 +266,50 @@ def merge_boxes(
     a, b, intersection = pairs
     both_alive = alive[a] & alive[b]
     a, b, intersection = a[both_alive], b[both_alive], intersection[both_alive]
-    overlap = pair_overlap(boxes, a, b, intersection, options.metric)
-    suppressing = overlap > options.iou_threshold
+    suppressing = pair_overlap(boxes, a, b, intersection, options.metric) > options.iou_threshold
+    a, b = a[suppressing], b[suppressing]
     rank = score_rank(scores)
-    keep = greedy_over_pairs(rank, a[suppressing], b[suppressing]) & alive
+    keep = greedy_over_pairs(rank, a, b) & alive
     kept = np.flatnonzero(keep)
-    return kept[np.argsort(rank[kept], kind="stable")]
+    kept = kept[np.argsort(rank[kept], kind="stable")]
+    if options.mode == "suppress":
+        return kept, boxes[kept]
+    return kept, _union_with_suppressed(boxes, rank, keep, a, b)[kept]
+
+
+def _union_with_suppressed(
+    boxes: np.ndarray, rank: np.ndarray, keep: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+    """Each kept box widened to cover the boxes it suppressed.
+
+    A suppressed box belongs to the kept box that greedy NMS met first: its best-ranked kept
+    partner.
+    """
+    stronger = np.where(rank[a] < rank[b], a, b)
+    weaker = np.where(rank[a] < rank[b], b, a)
+    matched = keep[stronger] & ~keep[weaker]
+    stronger, weaker = stronger[matched], weaker[matched]
+    order = np.lexsort((rank[stronger], weaker))
+    stronger, weaker = stronger[order], weaker[order]
+    _, first = np.unique(weaker, return_index=True)
+    owner, member = stronger[first], weaker[first]
+    out = boxes.copy()
+    np.minimum.at(out[:, 0], owner, boxes[member, 0])
+    np.minimum.at(out[:, 1], owner, boxes[member, 1])
+    np.maximum.at(out[:, 2], owner, boxes[member, 2])
+    np.maximum.at(out[:, 3], owner, boxes[member, 3])
+    return out
+
+
+def merge_boxes(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    class_ids: np.ndarray,
+    is_cut: np.ndarray,
+    options: MergeOptions | None = None,
+) -> np.ndarray:
+    """Indices of the boxes that survive the edge rule and greedy NMS, in greedy order."""
+    return merge_detections(boxes, scores, class_ids, is_cut, options)[0]
 
 
 # --------------------------------------------------------------------------------------------

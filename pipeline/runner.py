@@ -298,7 +298,12 @@ def run_job(
     info_refs = [_inspect.remote(s, tiling.bands, tiling.scale_range) for s in todo]
     pending: dict[str, _PendingScene] = {}
     items: list[dict] = []
-    merge_options = MergeOptions(iou_threshold=spec.merge.iou_threshold)
+    merge_options = MergeOptions(
+        iou_threshold=spec.merge.iou_threshold,
+        metric=spec.merge.metric,
+        class_aware=spec.merge.class_aware,
+        mode=spec.merge.mode,
+    )
     for scene, ref in zip(todo, info_refs, strict=True):
         try:
             info = ray.get(ref)

@@ -12,13 +12,14 @@ from pipeline.merge import (
     box_rings,
     detection_ids,
     merge_boxes,
+    merge_detections,
     overlapping_pairs,
     touches_inner_edge,
     valid_fraction,
 )
 
 
-def reference_merge(boxes, scores, class_ids, is_cut, options=None):
+def reference_merge(boxes, scores, class_ids, is_cut, options=None, return_union=False):
     """The definition, quadratic and obvious: edge rule, then class-aware greedy NMS."""
     options = options or MergeOptions()
     count = len(boxes)
@@ -41,6 +42,7 @@ def reference_merge(boxes, scores, class_ids, is_cut, options=None):
                 alive[i] = False
     order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
     kept = []
+    union = boxes.astype(np.float64).copy()
     for i in order:
         if not alive[i]:
             continue
@@ -57,10 +59,15 @@ def reference_merge(boxes, scores, class_ids, is_cut, options=None):
                 overlap = inter / min(areas[i], areas[j])
             if overlap > options.iou_threshold:
                 suppressed = True
+                union[j, :2] = np.minimum(union[j, :2], boxes[i, :2])
+                union[j, 2:] = np.maximum(union[j, 2:], boxes[i, 2:])
                 break
         if not suppressed:
             kept.append(i)
-    return np.array(kept, dtype=np.int64)
+    kept = np.array(kept, dtype=np.int64)
+    if return_union:
+        return kept, union[kept]
+    return kept
 
 
 @st.composite
@@ -91,12 +98,45 @@ def scenes_of_boxes(draw, max_boxes=60):
     scene=scenes_of_boxes(),
     threshold=st.sampled_from([0.1, 0.3, 0.5, 0.7]),
     metric=st.sampled_from(["iou", "ios"]),
+    class_aware=st.booleans(),
 )
-def test_merge_equals_the_quadratic_reference(scene, threshold, metric):
+def test_merge_equals_the_quadratic_reference(scene, threshold, metric, class_aware):
     boxes, scores, class_ids, is_cut = scene
-    options = MergeOptions(iou_threshold=threshold, metric=metric)
+    options = MergeOptions(iou_threshold=threshold, metric=metric, class_aware=class_aware)
     expected = reference_merge(boxes, scores, class_ids, is_cut, options)
     assert merge_boxes(boxes, scores, class_ids, is_cut, options).tolist() == expected.tolist()
+
+
+@settings(max_examples=150, deadline=None)
+@given(scene=scenes_of_boxes(), metric=st.sampled_from(["iou", "ios"]))
+def test_merge_mode_grows_each_kept_box_to_its_group(scene, metric):
+    boxes, scores, class_ids, is_cut = scene
+    options = MergeOptions(iou_threshold=0.3, metric=metric, mode="merge")
+    expected_kept, expected_boxes = reference_merge(
+        boxes, scores, class_ids, is_cut, options, return_union=True
+    )
+    kept, out = merge_detections(boxes, scores, class_ids, is_cut, options)
+    assert kept.tolist() == expected_kept.tolist()
+    np.testing.assert_allclose(out, expected_boxes)
+
+
+def test_merge_mode_union_of_two_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [2, 1, 12, 11]], dtype=np.float64)
+    kept, out = merge_detections(
+        boxes,
+        np.array([0.9, 0.8], np.float32),
+        np.zeros(2, np.int16),
+        np.zeros(2, bool),
+        MergeOptions(iou_threshold=0.3, mode="merge"),
+    )
+    assert kept.tolist() == [0] and out.tolist() == [[0, 0, 12, 11]]
+
+
+def test_class_agnostic_suppresses_across_classes():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], dtype=np.float64)
+    args = (boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1], np.int16), np.zeros(2, bool))
+    assert merge_boxes(*args).tolist() == [0, 1]
+    assert merge_boxes(*args, MergeOptions(class_aware=False)).tolist() == [0]
 
 
 @settings(max_examples=100, deadline=None)
