@@ -60,8 +60,47 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint():
+    """An S3-compatible server (moto) on loopback, configured for GDAL and fsspec alike.
+
+    The environment is set before Ray starts, so Ray's workers inherit it too.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    settings = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",  # botocore / s3fs
+        "AWS_S3_ENDPOINT": f"127.0.0.1:{port}",  # GDAL's /vsis3/
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
     import ray
 
