@@ -94,8 +94,11 @@ def hilbert_order(
 
 
 def geo_metadata(crs_projjson: dict, bbox: list[float], geometry_types: list[str]) -> dict:
-    """The ``geo`` key of a GeoParquet 1.1 file with a ``bbox`` covering column."""
-    return {
+    """The ``geo`` key of a GeoParquet 1.1 file with a ``bbox`` covering column.
+
+    An empty file has no extent, so its ``bbox`` is left out (the key is optional).
+    """
+    meta = {
         "version": GEOPARQUET_VERSION,
         "primary_column": "geometry",
         "columns": {
@@ -116,6 +119,9 @@ def geo_metadata(crs_projjson: dict, bbox: list[float], geometry_types: list[str
             }
         },
     }
+    if not bbox:
+        del meta["columns"]["geometry"]["bbox"]
+    return meta
 
 
 @dataclass(frozen=True)

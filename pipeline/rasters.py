@@ -12,6 +12,7 @@ from datetime import datetime
 
 import numpy as np
 import rasterio
+from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
 from pipeline.errors import SceneError
@@ -65,14 +66,29 @@ class RasterInfo:
     bands: tuple[int, ...]
     scale_range: tuple[float, float]
     acquired_at: datetime | None
+    palette: tuple[int, ...] | None = None  # 256 x RGB, flattened, for palette images
+
+    def palette_table(self) -> np.ndarray | None:
+        if self.palette is None:
+            return None
+        return np.asarray(self.palette, dtype=np.uint8).reshape(256, 3)
 
 
-def _default_bands(count: int) -> tuple[int, ...]:
-    if count >= 3:
-        return (1, 2, 3)
-    if count == 1:
-        return (1, 1, 1)
-    raise ValueError(f"has {count} bands; name three in tiling.bands")
+def _default_bands(color_bands: list[int]) -> tuple[int, ...]:
+    """The first three bands that are not alpha; a single band is repeated."""
+    if len(color_bands) >= 3:
+        return tuple(color_bands[:3])
+    if len(color_bands) == 1:
+        return (color_bands[0],) * 3
+    raise ValueError(f"has {len(color_bands)} colour bands; name three in tiling.bands")
+
+
+def _palette(dataset: rasterio.DatasetReader) -> tuple[int, ...]:
+    table = np.zeros((256, 3), dtype=np.uint8)
+    for index, rgba in dataset.colormap(1).items():
+        if 0 <= index < 256:
+            table[index] = rgba[:3]
+    return tuple(int(v) for v in table.ravel())
 
 
 def _acquired_at(tags: dict[str, str]) -> datetime | None:
@@ -102,12 +118,23 @@ def inspect_raster(
     """
     try:
         with open_raster(uri) as dataset:
+            if dataset.transform.is_identity and (dataset.gcps[0] or dataset.rpcs):
+                raise SceneError(
+                    scene_id,
+                    "is georeferenced only by GCPs or RPCs; warp it to a regular grid "
+                    "first (e.g. gdalwarp -t_srs EPSG:32633 in.tif out.tif)",
+                )
             if dataset.crs is None:
                 raise SceneError(scene_id, "has no CRS; georeference it or pick another file")
             if dataset.transform.is_identity:
                 raise SceneError(scene_id, "has no geotransform (pixel coordinates only)")
+            interp = dataset.colorinterp
+            alpha = [i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha]
+            if interp[0] == ColorInterp.palette:
+                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset))
+            color_bands = [b for b in range(1, dataset.count + 1) if b not in alpha]
             try:
-                chosen = tuple(bands) if bands else _default_bands(dataset.count)
+                chosen = tuple(bands) if bands else _default_bands(color_bands)
             except ValueError as error:
                 raise SceneError(scene_id, str(error)) from None
             bad = [band for band in chosen if not 1 <= band <= dataset.count]
@@ -115,28 +142,42 @@ def inspect_raster(
                 raise SceneError(
                     scene_id, f"has {dataset.count} band(s); tiling.bands asks for {bad}"
                 )
+            if any(band in alpha for band in chosen):
+                raise SceneError(
+                    scene_id, f"band(s) {alpha} are alpha: used as the mask, not as a channel"
+                )
             if len(chosen) != 3:
                 raise SceneError(scene_id, f"the model takes 3 bands, got {len(chosen)}")
-            _read_last_block(dataset)
             scale = scale_range or default_scale_range(dataset.dtypes[0])
             if scale is None:
                 scale = _sample_range(dataset, list(chosen))
-            return RasterInfo(
-                width=dataset.width,
-                height=dataset.height,
-                count=dataset.count,
-                dtype=dataset.dtypes[0],
-                crs_wkt=dataset.crs.to_wkt(),
-                crs_name=dataset.crs.to_string(),
-                transform=tuple(dataset.transform)[:6],
-                bands=chosen,
-                scale_range=(float(scale[0]), float(scale[1])),
-                acquired_at=_acquired_at(dataset.tags()),
-            )
+            return _info(dataset, chosen, scale, None)
     except SceneError:
         raise
     except (RasterioError, OSError) as error:
         raise SceneError(scene_id, f"cannot be read as a raster ({uri}): {error}") from None
+
+
+def _info(
+    dataset: rasterio.DatasetReader,
+    bands: tuple[int, ...],
+    scale: tuple[float, float],
+    palette: tuple[int, ...] | None,
+) -> RasterInfo:
+    _read_last_block(dataset)
+    return RasterInfo(
+        width=dataset.width,
+        height=dataset.height,
+        count=dataset.count,
+        dtype=dataset.dtypes[0],
+        crs_wkt=dataset.crs.to_wkt(),
+        crs_name=dataset.crs.to_string(),
+        transform=tuple(dataset.transform)[:6],
+        bands=bands,
+        scale_range=(float(scale[0]), float(scale[1])),
+        acquired_at=_acquired_at(dataset.tags()),
+        palette=palette,
+    )
 
 
 def _read_last_block(dataset: rasterio.DatasetReader) -> None:

@@ -70,6 +70,8 @@ def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.nda
     row_offs = np.asarray(batch["row_off"][0], dtype=np.int32)
     bands = [int(b) for b in batch["bands"][0]]
     scale = (float(batch["scale_lo"][0]), float(batch["scale_hi"][0]))
+    flat_palette = np.asarray(batch["palette"][0], dtype=np.uint8)
+    palette = flat_palette.reshape(256, 3) if flat_palette.size else None
     count = len(indexes)
     images = np.zeros((count, tile_size, tile_size, 3), dtype=np.uint8)
     valid = np.zeros((count, tile_size, tile_size), dtype=np.uint8)
@@ -79,7 +81,7 @@ def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.nda
         for c, r in zip(col_offs, row_offs, strict=True)
     ]
     try:
-        for position, (_, image, mask) in enumerate(iter_tiles(uri, tiles, bands, scale)):
+        for position, (_, image, mask) in enumerate(iter_tiles(uri, tiles, bands, scale, palette)):
             images[position], valid[position] = image, mask
     except Exception as failure:  # noqa: BLE001 - any read failure fails this scene only
         error = str(SceneError(scene_id, f"read failed: {failure}"))
@@ -111,10 +113,13 @@ class DetectorActor:
         found = detect_tiles(
             self.detector, batch["image"], batch["valid"], runnable, self.min_valid_fraction
         )
-        return detections_to_arrow(batch, found)
+        has_data = batch["valid"].reshape(len(runnable), -1).any(axis=1)
+        return detections_to_arrow(batch, found, has_data)
 
 
-def detections_to_arrow(batch: dict[str, np.ndarray], found: list[TileDetections]) -> pa.Table:
+def detections_to_arrow(
+    batch: dict[str, np.ndarray], found: list[TileDetections], has_data: np.ndarray
+) -> pa.Table:
     """One row per tile; boxes, scores and class ids as list columns (empty when none)."""
     lengths = np.array([len(f.scores) for f in found], dtype=np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -132,6 +137,7 @@ def detections_to_arrow(batch: dict[str, np.ndarray], found: list[TileDetections
             "col_off": pa.array(batch["col_off"], pa.int32()),
             "row_off": pa.array(batch["row_off"], pa.int32()),
             "error": pa.array([str(e) for e in batch["error"]], pa.string()),
+            "has_data": pa.array(has_data, pa.bool_()),
             "boxes": listed([f.boxes.reshape(-1) for f in found], pa.float32(), width=4),
             "scores": listed([f.scores for f in found], pa.float32()),
             "class_ids": listed([f.class_ids for f in found], pa.int16()),
@@ -160,6 +166,7 @@ class SceneOutcome:
     detections: int = 0
     output: str | None = None
     error: str | None = None
+    tiles_without_data: int = 0  # all nodata: never sent to the detector
 
 
 @dataclass
@@ -190,6 +197,7 @@ class _PendingScene:
     offsets: dict[int, tuple[int, int]] = field(default_factory=dict)
     found: dict[int, TileDetections] = field(default_factory=dict)
     error: str | None = None
+    without_data: int = 0
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -228,6 +236,7 @@ def _read_items(scene: Scene, info: RasterInfo, tiles: list[Tile], chunk: int) -
             "bands": list(info.bands),
             "scale_lo": info.scale_range[0],
             "scale_hi": info.scale_range[1],
+            "palette": list(info.palette or ()),
         }
         for start in range(0, len(tiles), chunk)
     ]
@@ -341,6 +350,7 @@ def run_job(
                 state = pending[row["scene_id"]]
                 state.offsets[row["tile_index"]] = (row["col_off"], row["row_off"])
                 state.found[row["tile_index"]] = _tile_detections(row)
+                state.without_data += not row["has_data"]
                 if row["error"] and state.error is None:
                     state.error = row["error"]
                 tiles_seen += 1
@@ -374,10 +384,19 @@ def run_job(
         )
         report.scenes.append(
             SceneOutcome(
-                scene_id, state.scene.uri, "done", state.expected, rows, state.context.output_uri
+                scene_id,
+                state.scene.uri,
+                "done",
+                state.expected,
+                rows,
+                state.context.output_uri,
+                tiles_without_data=state.without_data,
             )
         )
-        progress(f"  done {scene_id}: {state.expected} tiles, {rows} detections")
+        progress(
+            f"  done {scene_id}: {state.expected} tiles ({state.without_data} without data), "
+            f"{rows} detections"
+        )
     for scene_id, state in pending.items():
         if scene_id not in merges and state.error is None:
             fail(state.scene, f"only {len(state.found)} of {state.expected} tiles came back")

@@ -161,11 +161,14 @@ def read_tile(
     tile: Tile,
     bands: list[int],
     scale_range: tuple[float, float],
+    palette: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read one tile from an open rasterio dataset.
 
     Returns ``(image, valid)``: uint8 ``H×W×C`` and uint8 ``H×W`` (1 where every selected band
-    has data). Pixels past the raster's edge (rasters smaller than a tile) are zero and invalid.
+    has data; nodata values, internal masks and alpha bands all count). Pixels past the
+    raster's edge (rasters smaller than a tile) are zero and invalid. A palette image
+    (``palette``: a 256×3 colour table) is expanded to RGB through it.
     """
     from rasterio.windows import Window
 
@@ -178,7 +181,10 @@ def read_tile(
     valid = np.all(masks > 0, axis=0)
     if np.issubdtype(data.dtype, np.floating):
         valid &= np.all(np.isfinite(data), axis=0)
-    image = to_uint8(data, scale_range)
+    if palette is not None:
+        image = palette[data[0]]
+    else:
+        image = to_uint8(data, scale_range)
     image[~valid] = 0
     if (read_w, read_h) != (tile.width, tile.height):
         padded = np.zeros((tile.height, tile.width, image.shape[2]), dtype=np.uint8)
@@ -190,12 +196,16 @@ def read_tile(
 
 
 def iter_tiles(
-    uri: str, tiles: list[Tile], bands: list[int], scale_range: tuple[float, float]
+    uri: str,
+    tiles: list[Tile],
+    bands: list[int],
+    scale_range: tuple[float, float],
+    palette: np.ndarray | None = None,
 ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     """Read many tiles through one open dataset (one open file serves the whole chunk)."""
     from pipeline.rasters import open_raster
 
     with open_raster(uri) as dataset:
         for tile in tiles:
-            image, valid = read_tile(dataset, tile, bands, scale_range)
+            image, valid = read_tile(dataset, tile, bands, scale_range, palette)
             yield tile, image, valid

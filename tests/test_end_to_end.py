@@ -205,3 +205,14 @@ def test_cli_reports_every_job_error(tmp_path, capsys):
     err = capsys.readouterr().err
     for path in ("tiling.tile_size", "tiling.overlapp", "output.path"):
         assert path in err
+
+
+def test_all_nodata_scene_is_done_without_touching_the_detector(ray_session, make_raster, tmp_path):
+    empty = make_raster(
+        "empty.tif", width=300, height=300, nodata=0, data=np.zeros((3, 300, 300), np.uint8)
+    )
+    report = run_job(parse_job(threshold_job([empty], tmp_path / "out")), progress=quiet)
+    (scene,) = report.scenes
+    assert scene.status == "done" and scene.detections == 0
+    assert scene.tiles == scene.tiles_without_data == 4
+    assert len(geopandas.read_parquet(scene.output)) == 0

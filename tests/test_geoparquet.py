@@ -52,6 +52,7 @@ INFO = RasterInfo(
 
 
 def write_scene(tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500) -> Path:
+    """Write one scene of ``count`` random boxes through the real merge and write path."""
     rng = np.random.default_rng(0)
     x0 = rng.uniform(0, 900, count)
     y0 = rng.uniform(0, 900, count)
@@ -96,6 +97,14 @@ def test_geo_metadata_validates_against_the_geoparquet_schema(written):
     assert column["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
     xmin, ymin, xmax, ymax = column["bbox"]
     assert 14.9 < xmin < xmax < 15.1 and 41.9 < ymin < ymax < 42.1  # lon/lat order
+
+
+def test_an_empty_scene_is_valid_geoparquet(tmp_path):
+    path = write_scene(tmp_path, count=0)
+    meta = json.loads(pq.read_schema(path).metadata[b"geo"])
+    geo_validator().validate(meta)
+    assert meta["columns"]["geometry"]["geometry_types"] == []
+    assert len(geopandas.read_parquet(path)) == 0
 
 
 def test_the_shipped_example_validates_so_the_validator_is_real():

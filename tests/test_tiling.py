@@ -158,3 +158,114 @@ def test_fsspec_memory_uri_is_read(make_raster):
     assert (info.width, info.height) == (64, 64)
     with open_raster("memory://bucket/scene.tif") as dataset, rasterio.open(path) as local:
         assert (dataset.read() == local.read()).all()
+
+
+def test_palette_image_is_expanded_through_its_colour_map(tmp_path):
+    from tests.conftest import NORTH_UP, UTM_33N
+
+    path = tmp_path / "palette.tif"
+    data = np.zeros((1, 64, 64), dtype=np.uint8)
+    data[0, :, 32:] = 1
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=1,
+        dtype="uint8",
+        crs=UTM_33N,
+        transform=NORTH_UP,
+        photometric="palette",
+    ) as dst:
+        dst.write(data)
+        dst.write_colormap(1, {0: (10, 20, 30, 255), 1: (200, 100, 50, 255)})
+    info = inspect_raster("p", str(path), None, None)
+    assert info.palette is not None
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(
+            dataset,
+            plan_tiles(64, 64, 64, 0)[0],
+            list(info.bands),
+            info.scale_range,
+            info.palette_table(),
+        )
+    assert image[0, 0].tolist() == [10, 20, 30]
+    assert image[0, 40].tolist() == [200, 100, 50]
+    assert valid.all()
+
+
+def test_alpha_band_is_the_mask_not_a_channel(tmp_path):
+    from tests.conftest import NORTH_UP, UTM_33N
+
+    path = tmp_path / "rgba.tif"
+    data = np.full((4, 64, 64), 100, dtype=np.uint8)
+    data[3] = 255
+    data[3, :16] = 0  # transparent rows
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=4,
+        dtype="uint8",
+        crs=UTM_33N,
+        transform=NORTH_UP,
+        photometric="RGB",
+        alpha="YES",
+    ) as dst:
+        dst.write(data)
+    info = inspect_raster("a", str(path), None, None)
+    assert info.bands == (1, 2, 3)
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(dataset, plan_tiles(64, 64, 64, 0)[0], [1, 2, 3], (0.0, 255.0))
+    assert not valid[:16].any() and valid[16:].all()
+    assert (image[:16] == 0).all() and (image[16:] == 100).all()
+    with pytest.raises(SceneError, match="alpha"):
+        inspect_raster("a", str(path), [2, 3, 4], None)
+
+
+def test_gcp_only_raster_is_refused_with_the_fix(tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    path = tmp_path / "gcps.tif"
+    gcps = [
+        GroundControlPoint(0, 0, 500000, 4650000),
+        GroundControlPoint(0, 64, 500000, 4649968),
+        GroundControlPoint(64, 0, 500032, 4650000),
+    ]
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        gcps=gcps,
+        crs="EPSG:32633",
+    ) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(SceneError, match="GCPs or RPCs.*gdalwarp"):
+        inspect_raster("g", str(path), None, None)
+
+
+def test_float32_with_nan_is_invalid_there_and_scaled_by_percentiles(make_raster):
+    rng = np.random.default_rng(2)
+    data = rng.uniform(0.0, 0.3, size=(3, 128, 128)).astype("float32")
+    data[:, :, :40] = np.nan
+    path = make_raster(width=128, height=128, dtype="float32", data=data)
+    info = inspect_raster("f", str(path), None, None)
+    assert 0.0 <= info.scale_range[0] < info.scale_range[1] <= 0.3
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(
+            dataset, plan_tiles(128, 128, 128, 0)[0], [1, 2, 3], info.scale_range
+        )
+    assert not valid[:, :40].any() and valid[:, 40:].all()
+    assert image[:, 40:].max() == 255 and image[:, :40].max() == 0
+
+
+def test_unreachable_uri_fails_quickly_with_the_scene_named():
+    with pytest.raises(SceneError, match="far-away.*cannot be read"):
+        inspect_raster("far-away", "http://127.0.0.1:9/nothing-here.tif", None, None)
