@@ -88,6 +88,12 @@ class DetectSettings(_Strict):
     num_actors: int = Field(1, ge=1, description="Detector actors in the pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    inflight_mb_per_actor: int = Field(
+        256,
+        ge=16,
+        description="Tiles read ahead and queued in Ray's object store, per detector actor; "
+        "bounds memory whatever the size of the rasters.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU inference threads per actor; default: cores / num_actors."
     )

@@ -122,6 +122,9 @@ class ThresholdDetector:
         results = []
         for image in images:
             bright = image.min(axis=2) >= self.level
+            if not bright.any():
+                results.append(TileDetections.empty())
+                continue
             labels, _ = ndimage.label(bright)
             boxes, scores = [], []
             for index, found in enumerate(ndimage.find_objects(labels), start=1):

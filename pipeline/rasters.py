@@ -6,6 +6,7 @@ GDAL settings that matter for COGs on object storage live here, in one place.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +28,7 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_MAX_RETRY": 5,
     "GDAL_HTTP_RETRY_DELAY": 1,
     "VSI_CACHE": "TRUE",
-    "GDAL_CACHEMAX": 256,
+    "GDAL_CACHEMAX": 512 * 2**20,  # bytes for rasterio (256 meant 256 bytes: no block cache)
 }
 
 # Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.
@@ -40,16 +41,44 @@ _SAMPLE_SIDE = 1024
 @contextlib.contextmanager
 def open_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
     """Open a raster for reading, by GDAL's own handlers where it has them."""
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    with rasterio.Env(**GDAL_OPTIONS):
-        if scheme in _GDAL_SCHEMES:
-            with rasterio.open(uri) as dataset:
-                yield dataset
-        else:
-            import fsspec
+    with rasterio.Env(**GDAL_OPTIONS), _open(uri) as dataset:
+        yield dataset
 
-            with rasterio.open(uri, opener=fsspec.open) as dataset:
-                yield dataset
+
+def _open(uri: str) -> rasterio.DatasetReader:
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme in _GDAL_SCHEMES:
+        return rasterio.open(uri)
+    import fsspec
+
+    return rasterio.open(uri, opener=fsspec.open)
+
+
+# Datasets kept open by this process, most recently used last. Read tasks of one scene that
+# land on the same worker then share GDAL's block cache: overlapping tiles cut through the
+# same blocks, and reopening would decode each shared block again (measured: 0.48 -> 0.7+
+# of a bare rasterio loop's speed on a 4096^2 COG).
+_OPEN_DATASETS: OrderedDict[str, rasterio.DatasetReader] = OrderedDict()
+_MAX_OPEN_DATASETS = 4
+
+
+@contextlib.contextmanager
+def open_shared_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
+    """Like :func:`open_raster`, but the dataset stays open for this process's next reads."""
+    with rasterio.Env(**GDAL_OPTIONS):
+        dataset = _OPEN_DATASETS.pop(uri, None)
+        if dataset is None or dataset.closed:
+            dataset = _open(uri)
+        _OPEN_DATASETS[uri] = dataset
+        while len(_OPEN_DATASETS) > _MAX_OPEN_DATASETS:
+            _OPEN_DATASETS.popitem(last=False)[1].close()
+        yield dataset
+
+
+def close_shared_rasters() -> None:
+    """Close every dataset :func:`open_shared_raster` kept open (drops their cached blocks)."""
+    while _OPEN_DATASETS:
+        _OPEN_DATASETS.popitem()[1].close()
 
 
 @dataclass(frozen=True)

@@ -417,6 +417,11 @@ def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # Reads run ahead of the detector only this far: memory stays flat in the raster's size.
+    budget = spec.detect.num_actors * spec.detect.inflight_mb_per_actor * 2**20
+    context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=budget
+    )
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     detect = spec.detect
     actor_env = dict(ALLOCATOR_ENV)

@@ -45,6 +45,10 @@ def axis_offsets(size: int, tile_size: int, overlap: int) -> list[int]:
     cover the axis (the ceiling adds the last, partial step). The last tile is moved inward
     to ``size - tile_size`` instead of hanging over the edge, so it overlaps its neighbour by
     more than ``overlap`` but stays full size. An axis shorter than a tile gets one tile at 0.
+
+    Offsets start at 0 and step by the stride, so when tile size and overlap are whole
+    multiples of the raster's block size (512 and 0, 1024 and 512, ...) every window but the
+    last starts on a block boundary: alignment comes free and no extra tiles are paid for it.
     """
     if size <= tile_size:
         return [0]
@@ -141,14 +145,14 @@ def percentile_range(
 
 
 def to_uint8(data: np.ndarray, scale_range: tuple[float, float]) -> np.ndarray:
-    """Map ``C×H×W`` values linearly from ``scale_range`` onto uint8 ``H×W×C``."""
+    """Map values (any layout, e.g. ``H×W×C``) linearly from ``scale_range`` onto uint8."""
     if data.dtype == np.uint8 and scale_range == (0.0, 255.0):
-        return np.ascontiguousarray(np.moveaxis(data, 0, -1))
+        return data
     lo, hi = scale_range
     scaled = (data.astype(np.float32) - lo) * (255.0 / (hi - lo))
     np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
     np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.ascontiguousarray(np.moveaxis(scaled.astype(np.uint8), 0, -1))
+    return scaled.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,28 +174,29 @@ def read_tile(
     raster's edge (rasters smaller than a tile) are zero and invalid. A palette image
     (``palette``: a 256×3 colour table) is expanded to RGB through it.
     """
+    from rasterio.enums import MaskFlags
     from rasterio.windows import Window
 
     raster_w, raster_h = dataset.width, dataset.height
     read_w = min(tile.width, raster_w - tile.col_off)
     read_h = min(tile.height, raster_h - tile.row_off)
     window = Window(tile.col_off, tile.row_off, read_w, read_h)
-    data = dataset.read(bands, window=window)
-    masks = dataset.read_masks(bands, window=window)
-    valid = np.all(masks > 0, axis=0)
-    if np.issubdtype(data.dtype, np.floating):
-        valid &= np.all(np.isfinite(data), axis=0)
-    if palette is not None:
-        image = palette[data[0]]
+    # GDAL writes straight into the pixel-interleaved H×W×C buffer the model wants: no
+    # transpose copy (1.3 ms a tile), and the padding of a small raster is already there.
+    dtype = dataset.dtypes[bands[0] - 1]
+    raw = np.zeros((tile.height, tile.width, len(bands)), dtype=dtype)
+    dataset.read(bands, window=window, out=raw[:read_h, :read_w].transpose(2, 0, 1))
+    valid = np.zeros((tile.height, tile.width), dtype=bool)
+    if all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
+        valid[:read_h, :read_w] = True  # no nodata, mask or alpha: skip reading masks
     else:
-        image = to_uint8(data, scale_range)
-    image[~valid] = 0
-    if (read_w, read_h) != (tile.width, tile.height):
-        padded = np.zeros((tile.height, tile.width, image.shape[2]), dtype=np.uint8)
-        padded[:read_h, :read_w] = image
-        padded_valid = np.zeros((tile.height, tile.width), dtype=bool)
-        padded_valid[:read_h, :read_w] = valid
-        image, valid = padded, padded_valid
+        masks = dataset.read_masks(bands, window=window)
+        valid[:read_h, :read_w] = np.all(masks > 0, axis=0)
+    if np.issubdtype(raw.dtype, np.floating):
+        valid &= np.all(np.isfinite(raw), axis=2)
+    image = palette[raw[..., 0]] if palette is not None else to_uint8(raw, scale_range)
+    if not valid.all():
+        image[~valid] = 0
     return image, valid.astype(np.uint8)
 
 
@@ -202,10 +207,10 @@ def iter_tiles(
     scale_range: tuple[float, float],
     palette: np.ndarray | None = None,
 ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    """Read many tiles through one open dataset (one open file serves the whole chunk)."""
-    from pipeline.rasters import open_raster
+    """Read many tiles through one open dataset, kept open for the scene's next chunks."""
+    from pipeline.rasters import open_shared_raster
 
-    with open_raster(uri) as dataset:
+    with open_shared_raster(uri) as dataset:
         for tile in tiles:
             image, valid = read_tile(dataset, tile, bands, scale_range, palette)
             yield tile, image, valid

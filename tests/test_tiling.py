@@ -71,7 +71,7 @@ def test_inner_edges():
 
 def test_uint16_scaling_and_nan():
     data = np.array([[[0, 500, 1000, np.nan]]], dtype=np.float32)
-    assert to_uint8(data, (0.0, 1000.0))[0, :, 0].tolist() == [0, 127, 255, 0]
+    assert to_uint8(data, (0.0, 1000.0))[0, 0].tolist() == [0, 127, 255, 0]
 
 
 def test_read_pads_a_raster_smaller_than_a_tile(make_raster):
@@ -269,3 +269,22 @@ def test_float32_with_nan_is_invalid_there_and_scaled_by_percentiles(make_raster
 def test_unreachable_uri_fails_quickly_with_the_scene_named():
     with pytest.raises(SceneError, match="far-away.*cannot be read"):
         inspect_raster("far-away", "http://127.0.0.1:9/nothing-here.tif", None, None)
+
+
+@given(
+    blocks=st.integers(2, 40),
+    block=st.sampled_from([128, 256, 512]),
+    per_tile=st.integers(2, 4),
+    overlap_blocks=st.integers(0, 1),
+)
+def test_windows_fall_on_block_boundaries_when_the_stride_allows(
+    blocks, block, per_tile, overlap_blocks
+):
+    # A tile of k blocks with an overlap of whole blocks: every window but the inward-moved
+    # last one starts on a block boundary, so each read decompresses no block it does not use.
+    tile, overlap = per_tile * block, overlap_blocks * block
+    if overlap >= tile // 2:
+        return
+    size = blocks * block + 17
+    offsets = axis_offsets(size, tile, overlap)
+    assert all(offset % block == 0 for offset in offsets[:-1])

@@ -1,0 +1,235 @@
+"""Tiling and reading: memory flat in the raster's size, reads as fast as bare rasterio.
+
+1. The real job (the `threshold` detector, which finds nothing in these scenes, so the CPU
+   goes to tiling and reading) over every tile of a 4096^2 and of a 32768^2 COG, each in a
+   fresh process with its own embedded Ray. Peak memory of the whole process tree (driver,
+   Ray's daemons and workers) is sampled every 0.1 s as PSS, so Ray's shared object store
+   pages count once. -> peak_rss_ratio_32k_over_4k
+2. Our tile reads (open once per chunk of 16 tiles, read into the model's H x W x C layout,
+   mask, scale to uint8) against a bare rasterio loop reading the same windows of the same
+   file (one open, `read(window=...)`, band-first), on a 4096^2 COG of noise (imagery's
+   entropy), passes alternated, best of three each. -> read_over_rasterio
+3. The same over s3:// on an S3-compatible server (moto) on loopback. -> read_over_rasterio_s3
+
+Run: .venv/bin/python bench/tiling.py [--workdir DIR]   (the 32k COG is ~1 GB; kept in DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+
+from pipeline.rasters import close_shared_rasters
+from pipeline.synthetic import write_scene
+from pipeline.tiling import iter_tiles, plan_tiles
+
+TILE, OVERLAP, CHUNK = 512, 64, 16
+
+
+def make_cog(path: Path, size: int, noise: bool) -> Path:
+    """A real COG (GDAL's COG driver: tiled, overviews, DEFLATE), made once and kept.
+
+    ``noise`` gives pixels with the entropy of imagery (decompression costs what it costs
+    on real scenes); without it a gradient, cheap to write at 32k x 32k.
+    """
+    if path.exists():
+        return path
+    plain = path.with_suffix(".plain.tif")
+    write_scene(plain, size, [], block=512, overviews=False, noise=noise)
+    rasterio.shutil.copy(
+        plain, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512, NUM_THREADS="ALL_CPUS"
+    )
+    plain.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def tree_pss_bytes(root: int) -> int:
+    tree, total, todo = _children(), 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def measure_job(scene: str, output: str) -> None:
+    """Child process: run the job on an embedded Ray and print the tree's peak PSS."""
+    import ray
+
+    from pipeline.config import parse_job
+    from pipeline.runner import run_job
+
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_pss_bytes(os.getpid()))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    spec = parse_job(
+        {
+            "inputs": [scene],
+            "model": {"kind": "threshold"},
+            "tiling": {"tile_size": TILE, "overlap": OVERLAP, "tiles_per_read_task": CHUNK},
+            "detect": {"batch_size": 16, "num_cpus_per_actor": 0.5},
+            "output": {"path": output},
+        }
+    )
+    report = run_job(spec, force=True, progress=lambda line: None)
+    done.set()
+    sampler.join()
+    ray.shutdown()
+    print(json.dumps({"peak": peak[0], "tiles": report.tiles, "done": report.count("done")}))
+
+
+def peak_of_job(scene: Path, workdir: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--measure-job", str(scene), str(workdir / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- reads
+
+
+def windows_of(path: str) -> list:
+    with rasterio.open(path) as dataset:
+        return plan_tiles(dataset.width, dataset.height, TILE, OVERLAP)
+
+
+def ours(uri: str, tiles: list) -> float:
+    close_shared_rasters()  # start cold, as a job does: no blocks cached by an earlier pass
+    started = time.perf_counter()
+    for start in range(0, len(tiles), CHUNK):
+        for _ in iter_tiles(uri, tiles[start : start + CHUNK], [1, 2, 3], (0.0, 255.0)):
+            pass
+    return len(tiles) / (time.perf_counter() - started)
+
+
+def bare_rasterio(uri: str, tiles: list) -> float:
+    started = time.perf_counter()
+    with rasterio.open(uri) as dataset:
+        for tile in tiles:
+            dataset.read(window=Window(tile.col_off, tile.row_off, tile.width, tile.height))
+    return len(tiles) / (time.perf_counter() - started)
+
+
+def read_ratio(uri: str, tiles: list) -> tuple[float, float]:
+    best_ours, best_bare = 0.0, 0.0
+    for _ in range(3):
+        best_bare = max(best_bare, bare_rasterio(uri, tiles))
+        best_ours = max(best_ours, ours(uri, tiles))
+    return best_ours, best_bare
+
+
+def with_s3_server(cog: Path) -> tuple[str, object]:
+    import socket
+
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per range request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_S3_ENDPOINT": f"127.0.0.1:{port}",
+            "AWS_HTTPS": "NO",
+            "AWS_VIRTUAL_HOSTING": "FALSE",
+        }
+    )
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bench")
+    fs.put(str(cog), f"bench/{cog.name}")
+    return f"s3://bench/{cog.name}", server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--measure-job", nargs=2, metavar=("SCENE", "OUTPUT"))
+    args = parser.parse_args()
+    if args.measure_job:
+        measure_job(*args.measure_job)
+        return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="georetina-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    small = make_cog(workdir / "cog_4096.tif", 4096, noise=False)
+    large = make_cog(workdir / "cog_32768.tif", 32768, noise=False)
+    imagery = make_cog(workdir / "cog_4096_noise.tif", 4096, noise=True)
+
+    small_run, large_run = peak_of_job(small, workdir), peak_of_job(large, workdir)
+    print(f"tiles_4k: {small_run['tiles']}")
+    print(f"tiles_32k: {large_run['tiles']}")
+    print(f"peak_pss_4k_mb: {small_run['peak'] / 2**20:.0f}")
+    print(f"peak_pss_32k_mb: {large_run['peak'] / 2**20:.0f}")
+    print(f"peak_rss_ratio_32k_over_4k: {large_run['peak'] / small_run['peak']:.3f}")
+
+    tiles = windows_of(str(imagery))
+    local_ours, local_bare = read_ratio(str(imagery), tiles)
+    print(f"read_tiles_per_s: {local_ours:.1f}")
+    print(f"rasterio_tiles_per_s: {local_bare:.1f}")
+    print(f"read_over_rasterio: {local_ours / local_bare:.3f}")
+    uri, server = with_s3_server(imagery)
+    try:
+        s3_ours, s3_bare = read_ratio(uri, tiles)
+    finally:
+        server.stop()
+    print(f"read_tiles_per_s_s3: {s3_ours:.1f}")
+    print(f"rasterio_tiles_per_s_s3: {s3_bare:.1f}")
+    print(f"read_over_rasterio_s3: {s3_ours / s3_bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
