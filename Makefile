@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/merge.py
+	$(BIN)/python bench/tiling.py
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis

@@ -164,9 +164,8 @@ def read_ratio(uri: str, tiles: list) -> tuple[float, float]:
 
 
 def with_s3_server(cog: Path) -> tuple[str, object]:
-    import socket
-
     import logging
+    import socket
 
     import s3fs
     from moto.server import ThreadedMotoServer
