@@ -148,10 +148,10 @@ def load_model(settings: ModelSettings, tile_size: int) -> tuple[RetinaNet, str]
     """Build the model, load its checkpoint if any, and return it with its ``model_id``."""
     model = build_model(settings, tile_size)
     if settings.checkpoint is None:
-        return model, f"{settings.name}:{settings.backbone}:untrained"
+        return model, _model_id(settings, None)
     blob, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
     load_weights(model, parse_state_dict(blob, settings.checkpoint), settings.checkpoint)
-    return model, f"{settings.name}:{settings.backbone}:{digest[:12]}"
+    return model, _model_id(settings, digest)
 
 
 def model_id_for(settings: ModelSettings) -> str:
@@ -159,6 +159,12 @@ def model_id_for(settings: ModelSettings) -> str:
     if settings.kind == "threshold":
         return f"threshold:{settings.threshold_level}:{settings.threshold_min_pixels}"
     if settings.checkpoint is None:
-        return f"{settings.name}:{settings.backbone}:untrained"
+        return _model_id(settings, None)
     _, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
-    return f"{settings.name}:{settings.backbone}:{digest[:12]}"
+    return _model_id(settings, digest)
+
+
+def _model_id(settings: ModelSettings, checkpoint_sha256: str | None) -> str:
+    """``name:backbone:<12 hex of the checkpoint's sha256>``, or ``...:untrained``."""
+    weights = checkpoint_sha256[:12] if checkpoint_sha256 else "untrained"
+    return f"{settings.name}:{settings.backbone}:{weights}"

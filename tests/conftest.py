@@ -19,7 +19,8 @@ NORTH_UP = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_650_000.0)
 
 @pytest.fixture
 def make_raster(tmp_path: Path) -> Callable[..., Path]:
-    """Write a small GeoTIFF: any size, bands, dtype, transform, CRS, nodata, pixels."""
+    """Write a small GeoTIFF: any size, bands, dtype, transform, CRS, nodata, pixels, colour
+    map, and GTiff creation options (``photometric="palette"``, ``alpha="YES"``, ...)."""
 
     def make(
         name: str = "scene.tif",
@@ -32,6 +33,8 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
         nodata: float | None = None,
         data: np.ndarray | None = None,
         seed: int = 0,
+        colormap: dict | None = None,
+        **creation: str,
     ) -> Path:
         path = tmp_path / name
         if data is None:
@@ -53,8 +56,10 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
             profile["transform"] = transform
         if nodata is not None:
             profile["nodata"] = nodata
-        with rasterio.open(path, "w", **profile) as dst:
+        with rasterio.open(path, "w", **profile, **creation) as dst:
             dst.write(data)
+            if colormap:
+                dst.write_colormap(1, colormap)
         return path
 
     return make

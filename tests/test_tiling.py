@@ -160,26 +160,18 @@ def test_fsspec_memory_uri_is_read(make_raster):
         assert (dataset.read() == local.read()).all()
 
 
-def test_palette_image_is_expanded_through_its_colour_map(tmp_path):
-    from tests.conftest import NORTH_UP, UTM_33N
-
-    path = tmp_path / "palette.tif"
+def test_palette_image_is_expanded_through_its_colour_map(make_raster):
     data = np.zeros((1, 64, 64), dtype=np.uint8)
     data[0, :, 32:] = 1
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
+    path = make_raster(
+        "palette.tif",
         width=64,
         height=64,
         count=1,
-        dtype="uint8",
-        crs=UTM_33N,
-        transform=NORTH_UP,
+        data=data,
+        colormap={0: (10, 20, 30, 255), 1: (200, 100, 50, 255)},
         photometric="palette",
-    ) as dst:
-        dst.write(data)
-        dst.write_colormap(1, {0: (10, 20, 30, 255), 1: (200, 100, 50, 255)})
+    )
     info = inspect_raster("p", str(path), None, None)
     assert info.palette is not None
     with open_raster(str(path)) as dataset:
@@ -195,27 +187,13 @@ def test_palette_image_is_expanded_through_its_colour_map(tmp_path):
     assert valid.all()
 
 
-def test_alpha_band_is_the_mask_not_a_channel(tmp_path):
-    from tests.conftest import NORTH_UP, UTM_33N
-
-    path = tmp_path / "rgba.tif"
+def test_alpha_band_is_the_mask_not_a_channel(make_raster):
     data = np.full((4, 64, 64), 100, dtype=np.uint8)
     data[3] = 255
     data[3, :16] = 0  # transparent rows
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=64,
-        height=64,
-        count=4,
-        dtype="uint8",
-        crs=UTM_33N,
-        transform=NORTH_UP,
-        photometric="RGB",
-        alpha="YES",
-    ) as dst:
-        dst.write(data)
+    path = make_raster(
+        "rgba.tif", width=64, height=64, count=4, data=data, photometric="RGB", alpha="YES"
+    )
     info = inspect_raster("a", str(path), None, None)
     assert info.bands == (1, 2, 3)
     with open_raster(str(path)) as dataset:
