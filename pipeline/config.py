@@ -89,7 +89,7 @@ class DetectSettings(_Strict):
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
     inflight_mb_per_actor: int = Field(
-        256,
+        128,
         ge=16,
         description="Tiles read ahead and queued in Ray's object store, per detector actor; "
         "bounds memory whatever the size of the rasters.",

@@ -28,10 +28,10 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_MAX_RETRY": 5,
     "GDAL_HTTP_RETRY_DELAY": 1,
     "VSI_CACHE": "TRUE",
-    # In bytes (rasterio; a bare 256 meant 256 bytes: no cache at all). Read tasks take square
-    # groups of tiles (tiling.group_tiles), whose shared blocks fit in a few tens of MB
-    # whatever the raster's width: more would only grow each worker with the raster.
-    "GDAL_CACHEMAX": 32 * 2**20,
+    # In bytes (rasterio; a bare 256 meant 256 bytes: no cache). Enough for one row of 512-px
+    # blocks of a 32k-wide RGB raster, the span overlapping tiles reuse; no more, so a
+    # worker's memory does not grow with the raster.
+    "GDAL_CACHEMAX": 64 * 2**20,
 }
 
 # Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.

@@ -28,7 +28,7 @@ from pipeline.ledger import Ledger, LedgerRecord, now
 from pipeline.merge import MergeOptions
 from pipeline.rasters import RasterInfo, inspect_raster
 from pipeline.scenes import Scene, discover_scenes
-from pipeline.tiling import Tile, group_tiles, iter_tiles, plan_tiles
+from pipeline.tiling import Tile, iter_tiles, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,15 @@ def _read_items(scene: Scene, info: RasterInfo, tiles: list[Tile], chunk: int) -
         {
             "scene_id": scene.scene_id,
             "uri": scene.uri,
-            "tile_index": group,
-            "col_off": [tiles[i].col_off for i in group],
-            "row_off": [tiles[i].row_off for i in group],
+            "tile_index": list(range(start, min(start + chunk, len(tiles)))),
+            "col_off": [t.col_off for t in tiles[start : start + chunk]],
+            "row_off": [t.row_off for t in tiles[start : start + chunk]],
             "bands": list(info.bands),
             "scale_lo": info.scale_range[0],
             "scale_hi": info.scale_range[1],
             "palette": list(info.palette or ()),
         }
-        for group in group_tiles(tiles, chunk)
+        for start in range(0, len(tiles), chunk)
     ]
 
 

@@ -102,20 +102,6 @@ def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> list[Ti
     return tiles
 
 
-def group_tiles(tiles: list[Tile], per_group: int) -> list[list[int]]:
-    """Indices of ``tiles`` in compact square groups of about ``per_group`` (one read task each).
-
-    Neighbouring tiles cut through the same raster blocks; a square group keeps that shared
-    working set small (a few blocks on a side), so a small block cache decodes each block
-    about once, however wide the raster is. Row-major inside each group.
-    """
-    side = max(1, math.isqrt(per_group))
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, tile in enumerate(tiles):
-        groups.setdefault((tile.row // side, tile.col // side), []).append(index)
-    return [groups[key] for key in sorted(groups)]
-
-
 def inner_edges(
     col_off: int, row_off: int, tile_size: int, width: int, height: int
 ) -> tuple[bool, bool, bool, bool]:

@@ -6,14 +6,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import SceneError
 from pipeline.rasters import inspect_raster, open_raster
-from pipeline.tiling import (
-    axis_offsets,
-    group_tiles,
-    inner_edges,
-    plan_tiles,
-    read_tile,
-    to_uint8,
-)
+from pipeline.tiling import axis_offsets, inner_edges, plan_tiles, read_tile, to_uint8
 
 
 @settings(max_examples=300, deadline=None)
@@ -273,16 +266,3 @@ def test_windows_fall_on_block_boundaries_when_the_stride_allows(
     size = blocks * block + 17
     offsets = axis_offsets(size, tile, overlap)
     assert all(offset % block == 0 for offset in offsets[:-1])
-
-
-@given(width=st.integers(1, 6000), height=st.integers(1, 6000), per_group=st.integers(1, 40))
-def test_read_groups_are_compact_and_cover_every_tile_once(width, height, per_group):
-    tiles = plan_tiles(width, height, 512, 64)
-    groups = group_tiles(tiles, per_group)
-    flat = [index for group in groups for index in group]
-    assert sorted(flat) == list(range(len(tiles)))
-    for group in groups:
-        assert len(group) <= max(per_group, 1)
-        rows = {tiles[i].row for i in group}
-        cols = {tiles[i].col for i in group}
-        assert max(rows) - min(rows) < 7 and max(cols) - min(cols) < 7  # square, not a strip
