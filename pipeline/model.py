@@ -111,7 +111,10 @@ def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise CheckpointError(f"checkpoint {uri}: not a loadable state dict: {error}") from None
+        raise CheckpointError(
+            f"checkpoint {uri}: not a loadable state dict ({error}); if it pickles objects, "
+            "load it where you trust it and re-save torch.save(model.state_dict(), path)"
+        ) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -119,7 +122,18 @@ def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
         isinstance(value, torch.Tensor) for value in loaded.values()
     ):
         raise CheckpointError(f"checkpoint {uri}: does not hold a state dict of tensors")
-    return loaded
+    return _unwrap_lightning(loaded)
+
+
+def _unwrap_lightning(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LightningModule's checkpoint (DeepForest's, for one) keeps the torchvision RetinaNet
+    under ``model.``, beside metric buffers: keep the model's keys, without the prefix."""
+    prefix = "model."
+    if not any(key.startswith("backbone.") for key in state) and any(
+        key.startswith(prefix + "backbone.") for key in state
+    ):
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:

@@ -144,3 +144,37 @@ def test_corrupt_checkpoint(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_model(settings(checkpoint=str(tmp_path / "nope.pt")), TILE)
+
+
+def test_torchvision_and_deepforest_style_checkpoints_load(tmp_path):
+    """torchvision's own retinanet_resnet50_fpn state dict loads into our resnet50_fpn, and so
+    does the same model saved by a LightningModule (DeepForest's checkpoints: keys under
+    'model.', metric buffers beside them, hyper-parameters)."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=1)
+    state = reference.state_dict()
+    plain = tmp_path / "torchvision.pt"
+    torch.save(state, plain)
+    tree = {"backbone": "resnet50_fpn", "classes": ["Tree"]}
+    loaded, _ = load_model(ModelSettings(**tree, checkpoint=str(plain)), 400)
+    assert torch.equal(
+        loaded.head.classification_head.cls_logits.weight,
+        state["head.classification_head.cls_logits.weight"],
+    )
+
+    lightning = tmp_path / "deepforest.ckpt"
+    torch.save(
+        {
+            "epoch": 3,
+            "state_dict": {
+                **{f"model.{k}": v for k, v in state.items()},
+                "iou_metric.total": torch.zeros(1),
+            },
+            "hyper_parameters": {"config": {"num_classes": 1, "label_dict": {"Tree": 0}}},
+        },
+        lightning,
+    )
+    loaded, model_id = load_model(ModelSettings(**tree, checkpoint=str(lightning)), 400)
+    assert torch.equal(loaded.backbone.body.conv1.weight, state["backbone.body.conv1.weight"])
+    assert model_id.startswith("retinanet:resnet50_fpn:")
