@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/end_to_end.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/tiling.py
+	$(BIN)/python bench/detect.py
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis

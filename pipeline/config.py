@@ -84,6 +84,9 @@ class TilingSettings(_Strict):
 class DetectSettings(_Strict):
     """Where and how fast inference runs."""
 
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Autocast dtype on CUDA; the CPU always runs fp32."
+    )
     batch_size: int = Field(4, ge=1)
     num_actors: int = Field(1, ge=1, description="Detector actors in the pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")

@@ -63,12 +63,14 @@ class RetinaNetDetector:
         tile_size: int,
         device: str | None = None,
         torch_threads: int | None = None,
+        precision: str = "bf16",
     ) -> None:
         import torch
 
         from pipeline.model import load_model
 
         self.device = torch.device(pick_device(device))
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         model, self.model_id = load_model(settings, tile_size)
@@ -92,7 +94,8 @@ class RetinaNetDetector:
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
             if on_gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            mixed = on_gpu and self.autocast_dtype is not None
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=mixed):
                 outputs = self.model(list(x))
         return [
             TileDetections(
@@ -151,10 +154,11 @@ def make_detector(
     tile_size: int,
     device: str | None = None,
     torch_threads: int | None = None,
+    precision: str = "bf16",
 ) -> Detector:
     if settings.kind == "threshold":
         return ThresholdDetector(settings)
-    return RetinaNetDetector(settings, tile_size, device, torch_threads)
+    return RetinaNetDetector(settings, tile_size, device, torch_threads, precision)
 
 
 def detect_tiles(

@@ -105,7 +105,12 @@ class DetectorActor:
         threads = spec.detect.torch_threads or max(
             1, (os.cpu_count() or 1) // spec.detect.num_actors
         )
-        self.detector = make_detector(spec.model, spec.tiling.tile_size, torch_threads=threads)
+        self.detector = make_detector(
+            spec.model,
+            spec.tiling.tile_size,
+            torch_threads=threads,
+            precision=spec.detect.precision,
+        )
         self.min_valid_fraction = spec.merge.min_valid_fraction
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -1,0 +1,129 @@
+"""Detection stage: our actor path against the bare model, same tiles and batch size.
+
+CPU (always): the bare model's forward (torchvision RetinaNet, ResNet-18 FPN, 512 px tiles,
+in this process, all cores) against our actor path: a Ray actor running exactly what the
+pipeline's detector actor runs per batch (uint8 batch from the object store -> device ->
+normalise -> model -> boxes as Arrow), fed through Ray's object store. Both warmed up first;
+actor start-up is not counted (bench/end_to_end.py counts it). -> actor_over_model
+
+GPU (when CUDA is visible): tiles/s of RetinaNet ResNet-50 FPN at 800 x 800 px, fp32 and bf16
+autocast, batch sizes 1..32, through our detector (uint8 in, pinned, non-blocking copies).
+-> gpu_r50_800_<precision>_bs<N>_tiles_per_s
+
+Run: .venv/bin/python bench/detect.py [--tiles 48] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import DetectSettings, ModelSettings
+from pipeline.detect import RetinaNetDetector, detect_tiles
+from pipeline.model import build_model
+
+TILE = 512
+
+
+def bare_model_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) -> float:
+    model = build_model(settings, TILE)
+    with torch.inference_mode():
+        model([torch.zeros(3, TILE, TILE)])
+        started = time.perf_counter()
+        for start in range(0, len(tiles), batch):
+            x = torch.from_numpy(tiles[start : start + batch]).permute(0, 3, 1, 2).float() / 255
+            model(list(x))
+    return len(tiles) / (time.perf_counter() - started)
+
+
+def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) -> float:
+    import ray
+
+    from pipeline.runner import detections_to_arrow
+
+    @ray.remote(num_cpus=1)
+    class Detector:
+        def __init__(self, threads: int) -> None:
+            self.detector = RetinaNetDetector(settings, TILE, torch_threads=threads)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> int:
+            count = len(batch["image"])
+            found = detect_tiles(
+                self.detector, batch["image"], batch["valid"], np.ones(count, bool), 0.5
+            )
+            return detections_to_arrow(batch, found, np.ones(count, bool)).num_rows
+
+    def batch_of(start: int) -> dict[str, np.ndarray]:
+        images = tiles[start : start + batch]
+        count = len(images)
+        return {
+            "image": images,
+            "valid": np.ones(images.shape[:3], np.uint8),
+            "scene_id": np.full(count, "bench", dtype=object),
+            "tile_index": np.arange(count, dtype=np.int32),
+            "col_off": np.zeros(count, np.int32),
+            "row_off": np.zeros(count, np.int32),
+            "error": np.full(count, "", dtype=object),
+        }
+
+    actor = Detector.remote(os.cpu_count() or 1)
+    ray.get(actor.__call__.remote(batch_of(0)))  # warm-up: model built, first pass done
+    refs = [ray.put(batch_of(start)) for start in range(0, len(tiles), batch)]
+    started = time.perf_counter()
+    ray.get([actor.__call__.remote(ref) for ref in refs])
+    rate = len(tiles) / (time.perf_counter() - started)
+    ray.kill(actor)
+    return rate
+
+
+def gpu_sweep() -> None:
+    settings = ModelSettings(backbone="resnet50_fpn", classes=["object"])
+    rng = np.random.default_rng(0)
+    for precision in ("fp32", "bf16"):
+        detector = RetinaNetDetector(settings, 800, device="cuda", precision=precision)
+        for batch in (1, 2, 4, 8, 16, 32):
+            tiles = rng.integers(0, 255, size=(batch, 800, 800, 3), dtype=np.uint8)
+            for _ in range(3):
+                detector(tiles)
+            torch.cuda.synchronize()
+            rounds = max(3, 64 // batch)
+            started = time.perf_counter()
+            for _ in range(rounds):
+                detector(tiles)
+            torch.cuda.synchronize()
+            rate = rounds * batch / (time.perf_counter() - started)
+            print(f"gpu_r50_800_{precision}_bs{batch}_tiles_per_s: {rate:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiles", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=DetectSettings().batch_size)
+    args = parser.parse_args()
+    if torch.cuda.is_available():
+        gpu_sweep()
+    import ray
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    settings = ModelSettings(backbone="resnet18_fpn", classes=["object"])
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, size=(args.tiles, TILE, TILE, 3), dtype=np.uint8)
+    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    # Alternate the two, best of two each: the machine is shared and noisy.
+    model_rates, actor_rates = [], []
+    for _ in range(2):
+        model_rates.append(bare_model_tiles_per_s(settings, tiles, args.batch))
+        actor_rates.append(actor_tiles_per_s(settings, tiles, args.batch))
+    ray.shutdown()
+    print(f"model_only_tiles_per_s: {max(model_rates):.3f}")
+    print(f"actor_tiles_per_s: {max(actor_rates):.3f}")
+    print(f"actor_over_model: {max(actor_rates) / max(model_rates):.3f}")
+
+
+if __name__ == "__main__":
+    main()
