@@ -114,7 +114,7 @@ def main() -> None:
     plan = plan_tiles(args.size, args.size, args.tile, 64)
     tiles_path = str(workdir / f"tiles_{args.size}_{args.tile}.npy")
     with open_raster(str(scene)) as dataset:
-        tiles = np.stack([read_tile(dataset, t, [1, 2, 3], (0.0, 255.0))[0] for t in plan])
+        tiles = np.stack([read_tile(dataset, t.window, [1, 2, 3], (0.0, 255.0))[0] for t in plan])
     np.save(tiles_path, tiles)
     del tiles
     for name, value in ALLOCATOR_ENV.items():  # inherited by the spawned bare-model processes

@@ -142,7 +142,9 @@ def ours(uri: str, tiles: list) -> float:
     close_shared_rasters()  # start cold, as a job does: no blocks cached by an earlier pass
     started = time.perf_counter()
     for start in range(0, len(tiles), CHUNK):
-        for _ in iter_tiles(uri, tiles[start : start + CHUNK], [1, 2, 3], (0.0, 255.0)):
+        for _ in iter_tiles(
+            uri, [t.window for t in tiles[start : start + CHUNK]], [1, 2, 3], (0.0, 255.0)
+        ):
             pass
     return len(tiles) / (time.perf_counter() - started)
 

@@ -56,6 +56,13 @@ class ModelSettings(_Strict):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def model_id(self, checkpoint_sha256: str | None = None) -> str:
+        """``name:backbone:<12 hex of the checkpoint's sha256>`` (or ``...:untrained``)."""
+        if self.kind == "threshold":
+            return f"threshold:{self.threshold_level}:{self.threshold_min_pixels}"
+        weights = checkpoint_sha256[:12] if checkpoint_sha256 else "untrained"
+        return f"{self.name}:{self.backbone}:{weights}"
+
 
 class TilingSettings(_Strict):
     """How scenes are cut into tiles and scaled to the model's uint8 input."""

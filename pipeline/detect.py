@@ -117,7 +117,7 @@ class ThresholdDetector:
     def __init__(self, settings: ModelSettings) -> None:
         self.level = settings.threshold_level
         self.min_pixels = settings.threshold_min_pixels
-        self.model_id = f"threshold:{self.level}:{self.min_pixels}"
+        self.model_id = settings.model_id()
 
     def __call__(self, images: np.ndarray) -> list[TileDetections]:
         from scipy import ndimage

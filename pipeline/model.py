@@ -162,23 +162,18 @@ def load_model(settings: ModelSettings, tile_size: int) -> tuple[RetinaNet, str]
     """Build the model, load its checkpoint if any, and return it with its ``model_id``."""
     model = build_model(settings, tile_size)
     if settings.checkpoint is None:
-        return model, _model_id(settings, None)
+        return model, settings.model_id()
     blob, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
     load_weights(model, parse_state_dict(blob, settings.checkpoint), settings.checkpoint)
-    return model, _model_id(settings, digest)
+    return model, settings.model_id(digest)
 
 
-def model_id_for(settings: ModelSettings) -> str:
-    """The ``model_id`` without building the model (reads only the checkpoint's bytes)."""
-    if settings.kind == "threshold":
-        return f"threshold:{settings.threshold_level}:{settings.threshold_min_pixels}"
-    if settings.checkpoint is None:
-        return _model_id(settings, None)
-    _, digest = read_checkpoint_bytes(settings.checkpoint, settings.checkpoint_sha256)
-    return _model_id(settings, digest)
+def model_id_for(settings: ModelSettings, tile_size: int) -> str:
+    """The ``model_id``, after loading the checkpoint into the model it is meant for.
 
-
-def _model_id(settings: ModelSettings, checkpoint_sha256: str | None) -> str:
-    """``name:backbone:<12 hex of the checkpoint's sha256>``, or ``...:untrained``."""
-    weights = checkpoint_sha256[:12] if checkpoint_sha256 else "untrained"
-    return f"{settings.name}:{settings.backbone}:{weights}"
+    Run on the driver before any tile is read, so a checkpoint that does not match the
+    classes, anchors or backbone fails the job at once, not inside every detector actor.
+    """
+    if settings.kind == "threshold" or settings.checkpoint is None:
+        return settings.model_id()
+    return load_model(settings, tile_size)[1]

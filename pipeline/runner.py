@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - registers pa.compute
 import ray
+from rasterio.windows import Window
 
 from pipeline.config import JobSpec
 from pipeline.detect import TileDetections, detect_tiles, make_detector
@@ -76,12 +77,12 @@ def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.nda
     images = np.zeros((count, tile_size, tile_size, 3), dtype=np.uint8)
     valid = np.zeros((count, tile_size, tile_size), dtype=np.uint8)
     error = ""
-    tiles = [
-        Tile(0, 0, int(c), int(r), tile_size, tile_size, 0, 0, 0, 0)
+    windows = [
+        Window(int(c), int(r), tile_size, tile_size)
         for c, r in zip(col_offs, row_offs, strict=True)
     ]
     try:
-        for position, (_, image, mask) in enumerate(iter_tiles(uri, tiles, bands, scale, palette)):
+        for position, (image, mask) in enumerate(iter_tiles(uri, windows, bands, scale, palette)):
             images[position], valid[position] = image, mask
     except Exception as failure:  # noqa: BLE001 - any read failure fails this scene only
         error = str(SceneError(scene_id, f"read failed: {failure}"))
@@ -270,7 +271,7 @@ def run_job(
     check_output_writable(output_root)
     from pipeline.model import model_id_for  # torch: imported by the driver, not read workers
 
-    model_id = model_id_for(spec.model)  # a bad checkpoint fails here, before any tile is read
+    model_id = model_id_for(spec.model, spec.tiling.tile_size)  # a bad checkpoint fails here
     settings_hash = spec.settings_hash()
     report = RunReport(run_id=run_id, job=spec.name, model_id=model_id, output=output_root)
     ledger = Ledger(output_root)
@@ -313,10 +314,7 @@ def run_job(
     pending: dict[str, _PendingScene] = {}
     items: list[dict] = []
     merge_options = MergeOptions(
-        iou_threshold=spec.merge.iou_threshold,
-        metric=spec.merge.metric,
-        class_aware=spec.merge.class_aware,
-        mode=spec.merge.mode,
+        **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})
     )
     for scene, ref in zip(todo, info_refs, strict=True):
         try:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from rasterio.windows import Window
 
 # --------------------------------------------------------------------------------------------
 # Plan (pure)
@@ -36,6 +37,11 @@ class Tile:
     core_row_off: int
     core_width: int
     core_height: int
+
+    @property
+    def window(self) -> Window:
+        """The tile's read window (rasterio's value type)."""
+        return Window(self.col_off, self.row_off, self.width, self.height)
 
 
 def axis_offsets(size: int, tile_size: int, overlap: int) -> list[int]:
@@ -162,12 +168,12 @@ def to_uint8(data: np.ndarray, scale_range: tuple[float, float]) -> np.ndarray:
 
 def read_tile(
     dataset: object,
-    tile: Tile,
+    window: Window,
     bands: list[int],
     scale_range: tuple[float, float],
     palette: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read one tile from an open rasterio dataset.
+    """Read one tile's window (``Tile.window``) from an open rasterio dataset.
 
     Returns ``(image, valid)``: uint8 ``H×W×C`` and uint8 ``H×W`` (1 where every selected band
     has data; nodata values, internal masks and alpha bands all count). Pixels past the
@@ -175,22 +181,22 @@ def read_tile(
     (``palette``: a 256×3 colour table) is expanded to RGB through it.
     """
     from rasterio.enums import MaskFlags
-    from rasterio.windows import Window
 
-    raster_w, raster_h = dataset.width, dataset.height
-    read_w = min(tile.width, raster_w - tile.col_off)
-    read_h = min(tile.height, raster_h - tile.row_off)
-    window = Window(tile.col_off, tile.row_off, read_w, read_h)
+    col_off, row_off = int(window.col_off), int(window.row_off)
+    width, height = int(window.width), int(window.height)
+    read_w = min(width, dataset.width - col_off)
+    read_h = min(height, dataset.height - row_off)
+    inside = Window(col_off, row_off, read_w, read_h)
     # GDAL writes straight into the pixel-interleaved H×W×C buffer the model wants: no
     # transpose copy (1.3 ms a tile), and the padding of a small raster is already there.
     dtype = dataset.dtypes[bands[0] - 1]
-    raw = np.zeros((tile.height, tile.width, len(bands)), dtype=dtype)
-    dataset.read(bands, window=window, out=raw[:read_h, :read_w].transpose(2, 0, 1))
-    valid = np.zeros((tile.height, tile.width), dtype=bool)
+    raw = np.zeros((height, width, len(bands)), dtype=dtype)
+    dataset.read(bands, window=inside, out=raw[:read_h, :read_w].transpose(2, 0, 1))
+    valid = np.zeros((height, width), dtype=bool)
     if all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
         valid[:read_h, :read_w] = True  # no nodata, mask or alpha: skip reading masks
     else:
-        masks = dataset.read_masks(bands, window=window)
+        masks = dataset.read_masks(bands, window=inside)
         valid[:read_h, :read_w] = np.all(masks > 0, axis=0)
     if np.issubdtype(raw.dtype, np.floating):
         valid &= np.all(np.isfinite(raw), axis=2)
@@ -202,15 +208,14 @@ def read_tile(
 
 def iter_tiles(
     uri: str,
-    tiles: list[Tile],
+    windows: list[Window],
     bands: list[int],
     scale_range: tuple[float, float],
     palette: np.ndarray | None = None,
-) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Read many tiles through one open dataset, kept open for the scene's next chunks."""
     from pipeline.rasters import open_shared_raster
 
     with open_shared_raster(uri) as dataset:
-        for tile in tiles:
-            image, valid = read_tile(dataset, tile, bands, scale_range, palette)
-            yield tile, image, valid
+        for window in windows:
+            yield read_tile(dataset, window, bands, scale_range, palette)

@@ -178,3 +178,26 @@ def test_torchvision_and_deepforest_style_checkpoints_load(tmp_path):
     loaded, model_id = load_model(ModelSettings(**tree, checkpoint=str(lightning)), 400)
     assert torch.equal(loaded.backbone.body.conv1.weight, state["backbone.body.conv1.weight"])
     assert model_id.startswith("retinanet:resnet50_fpn:")
+
+
+def test_a_mismatched_checkpoint_fails_the_job_before_any_tile_is_read(tmp_path, make_raster):
+    from pipeline.config import parse_job
+    from pipeline.runner import run_job
+
+    path = tmp_path / "three_classes.pt"
+    torch.save(build_model(settings(classes=["a", "b", "c"]), TILE).state_dict(), path)
+    spec = parse_job(
+        {
+            "inputs": [str(make_raster())],
+            "model": {
+                "backbone": "resnet18_fpn",
+                "classes": ["ship", "boat"],
+                "checkpoint": str(path),
+            },
+            "tiling": {"tile_size": TILE, "overlap": 16},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(CheckpointError, match="shapes differ.*cls_logits"):
+        run_job(spec, progress=lambda line: None)
+    assert not (tmp_path / "out" / "detections").exists()

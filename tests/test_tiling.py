@@ -76,7 +76,7 @@ def test_uint16_scaling_and_nan():
 
 def test_read_pads_a_raster_smaller_than_a_tile(make_raster):
     path = make_raster(width=100, height=60)
-    tile = plan_tiles(100, 60, 128, 16)[0]
+    tile = plan_tiles(100, 60, 128, 16)[0].window
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 255.0))
         expected = np.moveaxis(dataset.read(), 0, -1)
@@ -89,7 +89,7 @@ def test_nodata_is_invalid_and_zeroed(make_raster):
     data = np.full((3, 64, 64), 50, dtype=np.uint16)
     data[:, :, :20] = 0
     path = make_raster(width=64, height=64, dtype="uint16", nodata=0, data=data)
-    tile = plan_tiles(64, 64, 64, 0)[0]
+    tile = plan_tiles(64, 64, 64, 0)[0].window
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 100.0))
     assert not valid[:, :20].any() and valid[:, 20:].all()
@@ -177,7 +177,7 @@ def test_palette_image_is_expanded_through_its_colour_map(make_raster):
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(
             dataset,
-            plan_tiles(64, 64, 64, 0)[0],
+            plan_tiles(64, 64, 64, 0)[0].window,
             list(info.bands),
             info.scale_range,
             info.palette_table(),
@@ -197,7 +197,9 @@ def test_alpha_band_is_the_mask_not_a_channel(make_raster):
     info = inspect_raster("a", str(path), None, None)
     assert info.bands == (1, 2, 3)
     with open_raster(str(path)) as dataset:
-        image, valid = read_tile(dataset, plan_tiles(64, 64, 64, 0)[0], [1, 2, 3], (0.0, 255.0))
+        image, valid = read_tile(
+            dataset, plan_tiles(64, 64, 64, 0)[0].window, [1, 2, 3], (0.0, 255.0)
+        )
     assert not valid[:16].any() and valid[16:].all()
     assert (image[:16] == 0).all() and (image[16:] == 100).all()
     with pytest.raises(SceneError, match="alpha"):
@@ -238,7 +240,7 @@ def test_float32_with_nan_is_invalid_there_and_scaled_by_percentiles(make_raster
     assert 0.0 <= info.scale_range[0] < info.scale_range[1] <= 0.3
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(
-            dataset, plan_tiles(128, 128, 128, 0)[0], [1, 2, 3], info.scale_range
+            dataset, plan_tiles(128, 128, 128, 0)[0].window, [1, 2, 3], info.scale_range
         )
     assert not valid[:, :40].any() and valid[:, 40:].all()
     assert image[:, 40:].max() == 255 and image[:, :40].max() == 0
