@@ -10,11 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import JobSpecError
 
@@ -134,11 +144,142 @@ class OutputSettings(_Strict):
     row_group_size: int = Field(10_000, ge=100)
 
 
+def parse_datetime_interval(text: str) -> tuple[datetime | None, datetime | None]:
+    """A STAC ``datetime`` filter: an RFC 3339 instant or ``start/end`` with ``..`` open ends.
+
+    Naive times are UTC. Raises ``ValueError`` naming the part that does not parse.
+    """
+
+    def parse(part: str) -> datetime | None:
+        if part in ("", ".."):
+            return None
+        try:
+            value = datetime.fromisoformat(part.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not an RFC 3339 time (e.g. 2026-06-01T00:00:00Z)"
+            ) from None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    parts = text.split("/")
+    if len(parts) > 2:
+        raise ValueError(f"{text!r}: use an instant or one 'start/end' interval")
+    start = parse(parts[0])
+    end = parse(parts[1]) if len(parts) == 2 else start
+    if start and end and start > end:
+        raise ValueError(f"{text!r}: the interval ends before it starts")
+    return start, end
+
+
+class StacSearch(_Strict):
+    """STAC items to process: from a static catalog (pystac) or an API search (pystac-client).
+
+    The same filters apply to both; a static catalog is filtered while it is walked.
+    """
+
+    catalog: str | None = Field(
+        None, description="Path or fsspec URI of a static catalog or collection JSON."
+    )
+    api: str | None = Field(None, description="Root URL of a STAC API (item search).")
+    asset: str = Field(..., min_length=1, description="Asset key of the raster, e.g. 'visual'.")
+    collections: list[str] | None = Field(None, min_length=1, description="Collection ids.")
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="[west, south, east, north] in longitude/latitude."
+    )
+    datetime: str | None = Field(
+        None,
+        description="RFC 3339 instant or interval, '..' for an open end: "
+        "'2026-06-01T00:00:00Z/..'.",
+    )
+    lookback_days: float | None = Field(
+        None, gt=0, description="Items of the last N days (a window ending now); for nightly jobs."
+    )
+    max_items: int | None = Field(None, ge=1, description="Stop after this many items.")
+
+    @field_validator("datetime")
+    @classmethod
+    def _interval_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_datetime_interval(value)
+        return value
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_ordered(
+        cls, value: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
+        if value is not None and (value[0] > value[2] or value[1] > value[3]):
+            raise ValueError(f"{list(value)}: expected [west, south, east, north]")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_one_window(self) -> StacSearch:
+        if (self.catalog is None) == (self.api is None):
+            raise ValueError("name exactly one of 'catalog' (static) or 'api' (search)")
+        if self.datetime is not None and self.lookback_days is not None:
+            raise ValueError("name 'datetime' or 'lookback_days', not both")
+        return self
+
+    def window(self, now: datetime | None = None) -> tuple[datetime | None, datetime | None]:
+        """The time window as (start, end), either end open (None)."""
+        if self.lookback_days is not None:
+            from datetime import timedelta
+
+            end = now or datetime.now(UTC)
+            return end - timedelta(days=self.lookback_days), end
+        if self.datetime is not None:
+            return parse_datetime_interval(self.datetime)
+        return None, None
+
+
+class ListInput(_Strict):
+    """A text file of paths, URIs or globs, one per line (``#`` comments, blanks ignored);
+    relative lines are relative to the list file."""
+
+    uris: str = Field(..., alias="list", description="Path or fsspec URI of the list file.")
+
+
+class StacInput(_Strict):
+    stac: StacSearch
+
+
+def _input_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "path"
+    if isinstance(value, dict):
+        if "list" in value:
+            return "list"
+        if "stac" in value:
+            return "stac"
+    if isinstance(value, ListInput):
+        return "list"
+    if isinstance(value, StacInput):
+        return "stac"
+    return None
+
+
+InputItem = Annotated[
+    Annotated[str, Tag("path")]
+    | Annotated[ListInput, Tag("list")]
+    | Annotated[StacInput, Tag("stac")],
+    Discriminator(
+        _input_kind,
+        custom_error_type="input_kind",
+        custom_error_message="an input is a path or glob, {list: FILE} or {stac: {...}}",
+    ),
+]
+
+
 class JobSpec(_Strict):
     """One job file: inputs, model, tiling, detection, merge and output settings."""
 
     name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
-    inputs: list[str] = Field(..., min_length=1, description="Paths or fsspec globs.")
+    inputs: list[InputItem] = Field(
+        ...,
+        min_length=1,
+        description="Paths or fsspec globs, list files ({list: uris.txt}) and STAC sources "
+        "({stac: {catalog | api, asset, collections, bbox, datetime | lookback_days}}).",
+    )
     model: ModelSettings = ModelSettings()
     tiling: TilingSettings = TilingSettings()
     detect: DetectSettings = DetectSettings()
@@ -160,7 +301,10 @@ class JobSpec(_Strict):
 def _format_errors(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        # A tagged union (inputs) repeats its tag in the path: inputs.0.stac.stac.asset.
+        parts = [str(part) for part in item["loc"]]
+        parts = [p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1]]
+        path = ".".join(parts) or "(top level)"
         lines.append(f"{path}: {item['msg']}")
     return lines
 
@@ -203,14 +347,25 @@ def _is_local_relative(uri: str) -> bool:
     return "://" not in uri and not Path(uri).is_absolute()
 
 
+def _resolve_input(item: Any, base: Path) -> Any:
+    """A relative path, list file or static catalog is relative to the job file's folder."""
+    if isinstance(item, str):
+        return _join(base, item) if _is_local_relative(item) else item
+    if isinstance(item, dict) and isinstance(item.get("list"), str):
+        if _is_local_relative(item["list"]):
+            return {**item, "list": _join(base, item["list"])}
+    if isinstance(item, dict) and isinstance(item.get("stac"), dict):
+        stac = item["stac"]
+        if isinstance(stac.get("catalog"), str) and _is_local_relative(stac["catalog"]):
+            return {**item, "stac": {**stac, "catalog": _join(base, stac["catalog"])}}
+    return item
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
     inputs = data.get("inputs")
     if isinstance(inputs, list):
-        data["inputs"] = [
-            _join(base, item) if isinstance(item, str) and _is_local_relative(item) else item
-            for item in inputs
-        ]
+        data["inputs"] = [_resolve_input(item, base) for item in inputs]
     output = data.get("output")
     if isinstance(output, dict) and isinstance(output.get("path"), str):
         if _is_local_relative(output["path"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 from pyproj import CRS, Transformer
@@ -37,6 +38,8 @@ class SceneContext:
     output_crs: str
     output_uri: str
     row_group_size: int
+    acquired_at: datetime | None = None  # from the source (STAC); else the raster's tags
+    stac_item_id: str | None = None
 
 
 def scene_output_uri(output_root: str, scene_id: str) -> str:
@@ -99,7 +102,7 @@ def finalize_scene(
         scene_id=context.scene_id,
         scene_uri=context.scene_uri,
         scene_crs=context.info.crs_name,
-        acquired_at=context.info.acquired_at,
+        acquired_at=context.acquired_at or context.info.acquired_at,
         model_id=context.model_id,
         run_id=context.run_id,
         detection_ids=detection_ids(
@@ -110,6 +113,7 @@ def finalize_scene(
         scores=scores,
         pixel_boxes=boxes,
         rings=rings_in_crs(boxes, context.info, context.output_crs),
+        stac_item_id=context.stac_item_id,
     )
     crs_json = CRS.from_user_input(context.output_crs).to_json_dict()
     table = detections_table(rows, crs_json)

@@ -51,6 +51,7 @@ SCHEMA = pa.schema(
         ("scene_crs", pa.string()),
         ("scene_uri", pa.string()),
         ("acquired_at", pa.timestamp("us", tz="UTC")),
+        ("stac_item_id", pa.string()),
         ("model_id", pa.string()),
         ("run_id", pa.string()),
     ]
@@ -140,6 +141,7 @@ class SceneRows:
     scores: np.ndarray
     pixel_boxes: np.ndarray  # (n, 4) scene pixels
     rings: np.ndarray  # (n, 5, 2) closed rings in the output CRS
+    stac_item_id: str | None = None
 
 
 def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 0) -> pa.Table:
@@ -171,6 +173,7 @@ def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 
         "scene_crs": pa.array([rows.scene_crs] * count, pa.string()),
         "scene_uri": pa.array([rows.scene_uri] * count, pa.string()),
         "acquired_at": pa.array([acquired] * count, pa.timestamp("us", tz="UTC")),
+        "stac_item_id": pa.array([rows.stac_item_id] * count, pa.string()),
         "model_id": pa.array([rows.model_id] * count, pa.string()),
         "run_id": pa.array([rows.run_id] * count, pa.string()),
     }

@@ -186,6 +186,7 @@ class RunReport:
     tiles: int = 0
     tiles_per_s: float = 0.0
     detections: int = 0
+    map: str | None = None  # PNG of where this run's detections fall (None: no detections)
     scenes: list[SceneOutcome] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -310,13 +311,18 @@ def run_job(
 
     # Pre-flight every scene in parallel: a bad file fails here, in seconds.
     tiling = spec.tiling
-    info_refs = [_inspect.remote(s, tiling.bands, tiling.scale_range) for s in todo]
+    info_refs = [
+        None if s.problem else _inspect.remote(s, tiling.bands, tiling.scale_range) for s in todo
+    ]
     pending: dict[str, _PendingScene] = {}
     items: list[dict] = []
     merge_options = MergeOptions(
         **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})
     )
     for scene, ref in zip(todo, info_refs, strict=True):
+        if scene.problem is not None:
+            fail(scene, str(SceneError(scene.scene_id, scene.problem)))
+            continue
         try:
             info = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - recorded per scene
@@ -337,6 +343,8 @@ def run_job(
             output_crs=spec.output.crs,
             output_uri=scene_output_uri(output_root, scene.scene_id),
             row_group_size=spec.output.row_group_size,
+            acquired_at=scene.acquired_at,
+            stac_item_id=scene.stac_item_id,
         )
         pending[scene.scene_id] = _PendingScene(scene, context, len(tiles))
         items.extend(_read_items(scene, info, tiles, tiling.tiles_per_read_task))
@@ -460,8 +468,23 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
     busy = report.wall_s - report.ray_start_s
     report.tiles_per_s = report.tiles / busy if busy > 0 else 0.0
     report.detections = sum(s.detections for s in report.scenes)
+    report.map = _run_map(report, output_root)
     with fsspec.open(
         f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w", auto_mkdir=True
     ) as handle:
         handle.write(json.dumps(report.as_dict(), indent=2, default=str))
     return report
+
+
+def _run_map(report: RunReport, output_root: str) -> str | None:
+    """``_runs/<run_id>.png``; a map that cannot be drawn is logged, never fails the run."""
+    from pipeline.quicklook import render_run_map
+
+    outputs = [s.output for s in report.scenes if s.status == "done" and s.detections]
+    if not outputs:
+        return None
+    try:
+        return render_run_map(outputs, f"{output_root.rstrip('/')}/_runs/{report.run_id}.png")
+    except (GeoRetinaError, OSError) as error:
+        log.warning("run map not drawn: %s", error)
+        return None

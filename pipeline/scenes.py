@@ -1,13 +1,19 @@
-"""Discovery of scenes (paths and fsspec globs) and their identity."""
+"""Discovery of scenes (paths, fsspec globs, list files, STAC) and their identity."""
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import fsspec
+
+from pipeline.config import InputItem, ListInput, StacInput
+from pipeline.errors import GeoRetinaError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -24,11 +30,14 @@ class Scene:
     scene_id: str
     uri: str
     identity: str
+    acquired_at: datetime | None = None  # from the source (STAC); else the raster's tags
+    stac_item_id: str | None = None
+    problem: str | None = None  # known bad at discovery (e.g. a STAC item without the asset)
 
 
-def scene_id_for(uri: str) -> str:
-    """Readable and unique: the file's stem plus a short hash of the full URI."""
-    stem = _UNSAFE.sub("_", Path(uri.rstrip("/")).stem)[:64] or "scene"
+def scene_id_for(uri: str, name: str | None = None) -> str:
+    """Readable and unique: ``name`` (default: the file's stem) plus a short hash of the URI."""
+    stem = _UNSAFE.sub("_", name or Path(uri.rstrip("/")).stem)[:64] or "scene"
     return f"{stem}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
 
 
@@ -48,22 +57,60 @@ def _unstrip(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def discover_scenes(inputs: list[str]) -> list[Scene]:
-    """Expand paths and globs into scenes, in input order, without duplicates.
+def discover_scenes(inputs: Sequence[InputItem]) -> list[Scene]:
+    """Expand paths, globs, list files and STAC sources into scenes, in input order, once each.
 
     A plain path is kept even if it does not exist (the scene then fails with a clear error,
-    and the others go on); a glob that matches nothing yields nothing.
+    and the others go on); a glob that matches nothing yields nothing. A list file or STAC
+    source that cannot be read fails the whole discovery with an error naming it.
     """
     scenes: dict[str, Scene] = {}
-    for pattern in inputs:
-        fs, _, (path,) = fsspec.get_fs_token_paths(pattern)
+    for item in inputs:
+        if isinstance(item, ListInput):
+            found: Iterable[Scene] = _expand_patterns(read_uri_list(item.uris))
+        elif isinstance(item, StacInput):
+            from pipeline.stac import stac_scenes  # pystac: only for jobs that use STAC
+
+            found = stac_scenes(item.stac)
+        else:
+            found = _expand_patterns([item])
+        for scene in found:
+            scenes.setdefault(scene.uri, scene)
+    return list(scenes.values())
+
+
+def _expand_patterns(patterns: Iterable[str]) -> Iterable[Scene]:
+    for pattern in patterns:
+        fs, path = fsspec.core.url_to_fs(pattern)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if _GLOB_CHARS.search(pattern):
             uris = [_unstrip(fs, protocol, match) for match in sorted(fs.glob(path))]
         else:
             uris = [pattern if "://" in pattern else str(Path(pattern))]
         for uri in uris:
-            if uri not in scenes:
-                local = uri if "://" in uri else path
-                scenes[uri] = Scene(scene_id_for(uri), uri, _identity(fs, local, uri))
-    return list(scenes.values())
+            local = uri if "://" in uri else path
+            yield Scene(scene_id_for(uri), uri, _identity(fs, local, uri))
+
+
+def parse_uri_list(text: str, base: str) -> list[str]:
+    """Lines of a list file: blanks and ``#`` comments skipped, relative lines joined to base."""
+    uris = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "://" not in line and not posixpath.isabs(line) and not Path(line).is_absolute():
+            line = posixpath.join(base, line) if "://" in base else str(Path(base) / line)
+        uris.append(line)
+    return uris
+
+
+def read_uri_list(uri: str) -> list[str]:
+    """Read a list file from anywhere fsspec reaches."""
+    try:
+        with fsspec.open(uri, "r") as handle:
+            text = handle.read()
+    except (OSError, ValueError) as error:
+        raise GeoRetinaError(f"input list {uri} cannot be read: {error}") from None
+    base = uri.rsplit("/", 1)[0] if "://" in uri else str(Path(uri).parent)
+    return parse_uri_list(text, base)
