@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import GeoRetinaError
+from pipeline.cli_jobs import add_job_parsers
+from pipeline.errors import GeoRetinaError, QueryError
 
 
 def _print_report(report: object) -> None:
@@ -35,13 +36,123 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     report = run_job(spec, address=args.address, run_id=args.run_id, force=args.force)
     _print_report(report)
+    if args.quicklook:
+        _quicklooks(report)
     return 1 if report.count("failed") else 0
+
+
+def _quicklooks(report: object) -> None:
+    """One PNG per scene done in this run, drawn on the driver after the run."""
+    from pipeline.quicklook import render_quicklook
+
+    for scene in report.scenes:
+        if scene.status == "done" and scene.output:
+            try:
+                written = render_quicklook(scene.output, raster=scene.uri)
+            except GeoRetinaError as error:  # one picture failing is not a failed run
+                print(f"  quicklook {scene.scene_id}: {error}", file=sys.stderr)
+                continue
+            print(f"quicklook: {written}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     return run_demo(Path(args.job), size=args.size, address=args.address)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.query import (
+        QueryFilter,
+        count_detections,
+        open_detections,
+        parse_bbox,
+        parse_time,
+        query_detections,
+        write_result,
+    )
+
+    if args.crs and not args.bbox:
+        raise QueryError("--crs is the CRS of --bbox; give --bbox too")
+    where = QueryFilter(
+        bbox=parse_bbox(args.bbox) if args.bbox else None,
+        bbox_crs=args.crs,
+        classes=tuple(args.classes or ()),
+        min_score=args.min_score,
+        since=parse_time(args.since, "--since") if args.since else None,
+        until=parse_time(args.until, "--until") if args.until else None,
+        scenes=tuple(args.scenes or ()),
+    )
+    found = open_detections(args.output, count_reads=args.stats)
+    if args.count:
+        table = count_detections(found, where)
+    else:
+        table = query_detections(found, where, limit=args.limit)
+    write_result(table, args.format, found, args.out, sys.stdout)
+    if args.out:
+        print(f"{table.num_rows} row(s) -> {args.out}", file=sys.stderr)
+    if found.reads is not None:
+        total = found.total_bytes()
+        print(
+            f"read {found.reads.bytes} of {total} bytes "
+            f"({found.reads.bytes / max(total, 1):.2%}) in {found.reads.requests} requests, "
+            f"{len(found.files)} file(s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_quicklook(args: argparse.Namespace) -> int:
+    from pipeline.quicklook import render_quicklook
+
+    written = render_quicklook(
+        args.scene_output,
+        args.out,
+        raster=args.raster,
+        max_size=args.max_size,
+        min_score=args.min_score,
+    )
+    print(written)
+    return 0
+
+
+def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
+    query = commands.add_parser(
+        "query",
+        help="filter detections of an output dataset (bbox, class, score, time, scene)",
+        description="Filters are pushed down to the Parquet reads: row groups (and files) "
+        "whose statistics rule them out are never read.",
+    )
+    query.add_argument("output", help="output root, its detections/ folder, a glob or a file")
+    query.add_argument("--bbox", help="xmin,ymin,xmax,ymax: rows whose box intersects it")
+    query.add_argument("--crs", help="CRS of --bbox, e.g. EPSG:32633 (default: the dataset's)")
+    query.add_argument(
+        "--class", dest="classes", nargs="+", action="extend", metavar="NAME", help="class names"
+    )
+    query.add_argument("--min-score", type=float, default=None, help="keep score >= S")
+    query.add_argument("--since", help="acquired at or after (ISO 8601; UTC unless a zone)")
+    query.add_argument("--until", help="acquired before (ISO 8601; UTC unless a zone)")
+    query.add_argument(
+        "--scene", dest="scenes", nargs="+", action="extend", metavar="ID", help="scene ids"
+    )
+    query.add_argument("--format", default="table", choices=["table", "csv", "geojson", "parquet"])
+    query.add_argument("-o", "--out", default=None, help="write to FILE (local or URI)")
+    query.add_argument("--count", action="store_true", help="counts per scene and class")
+    query.add_argument("--limit", type=int, default=None, help="at most N rows")
+    query.add_argument("--stats", action="store_true", help="print the bytes read (stderr)")
+    query.set_defaults(func=cmd_query)
+
+    look = commands.add_parser(
+        "quicklook", help="PNG of a scene with its detections drawn, from the raster's overview"
+    )
+    look.add_argument("scene_output", help="a scene's file, OUTPUT/detections/<scene_id>.parquet")
+    look.add_argument(
+        "-o", "--out", default=None, help="PNG (default: OUTPUT/quicklook/<scene_id>.png)"
+    )
+    look.add_argument("--raster", default=None, help="the scene's raster (default: scene_uri)")
+    look.add_argument("--max-size", type=int, default=1024, help="long side of the PNG, px")
+    look.add_argument("--min-score", type=float, default=None, help="draw boxes with score >= S")
+    look.set_defaults(func=cmd_quicklook)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--run-id", default=None, help="run id (default: time + random)")
     run.add_argument("--force", action="store_true", help="redo scenes already done")
+    run.add_argument(
+        "--quicklook", action="store_true", help="write OUTPUT/quicklook/<scene_id>.png per scene"
+    )
     run.set_defaults(func=cmd_run)
 
     demo = commands.add_parser("demo", help="make a synthetic scene and run the demo job on it")
@@ -66,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=3072, help="scene side in pixels")
     demo.add_argument("--address", default=None, help="Ray cluster address")
     demo.set_defaults(func=cmd_demo)
+    add_job_parsers(commands)  # submit, status, logs, stop
+    _add_query_parsers(commands)
     return parser
 
 

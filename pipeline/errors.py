@@ -28,3 +28,11 @@ class SceneError(GeoRetinaError, ValueError):
 
 class CheckpointError(GeoRetinaError, ValueError):
     """A checkpoint that cannot be loaded safely or does not match the model settings."""
+
+
+class QueryError(GeoRetinaError, ValueError):
+    """A query that cannot run: the message names the file, field or value that is wrong."""
+
+
+class QuicklookError(GeoRetinaError, ValueError):
+    """A picture that cannot be drawn: the message names the file and what is missing."""

@@ -1,0 +1,513 @@
+"""Querying a detections dataset: filters pushed down to the Parquet reads. No Ray here.
+
+A dataset is ``OUTPUT/detections/*.parquet`` (or any folder, glob or single file of such
+files), local or on object storage. Each file's footer is read with one small request; the
+row-group statistics of the ``bbox`` covering columns, ``score``, ``class_name``,
+``scene_id`` and ``acquired_at`` then rule out row groups (and whole files) without reading
+their data; the remaining row groups are read, only the columns needed, and filtered exactly.
+
+The bbox filter keeps rows whose covering box intersects the query box (edges included), as
+``geopandas.read_parquet(bbox=...)`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import shapely
+from pyproj import CRS, Transformer
+
+from pipeline.errors import QueryError
+from pipeline.geoparquet import SCHEMA, geo_metadata
+from pipeline.iostats import ReadCounter, counting_filesystem
+
+FORMATS = ("table", "csv", "geojson", "parquet")
+
+# Columns shown by the 'table' format (all columns go to csv, geojson and parquet).
+TABLE_COLUMNS = ("scene_id", "detection_id", "class_name", "score", "acquired_at")
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class QueryFilter:
+    """What to keep; every field left empty keeps everything.
+
+    ``bbox`` is ``(xmin, ymin, xmax, ymax)`` in ``bbox_crs`` (default: the dataset's CRS);
+    ``since`` is inclusive and ``until`` exclusive; rows without ``acquired_at`` never pass a
+    time filter.
+    """
+
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None
+    classes: tuple[str, ...] = ()
+    min_score: float | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    scenes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing user input (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """``"xmin,ymin,xmax,ymax"`` to floats, checked for order."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise QueryError(f"bbox {text!r}: expected four numbers xmin,ymin,xmax,ymax") from None
+    if len(values) != 4:
+        raise QueryError(
+            f"bbox {text!r}: expected four numbers xmin,ymin,xmax,ymax, got {len(values)}"
+        )
+    xmin, ymin, xmax, ymax = values
+    if xmin > xmax or ymin > ymax:
+        raise QueryError(f"bbox {text!r}: xmin must be <= xmax and ymin <= ymax")
+    return (xmin, ymin, xmax, ymax)
+
+
+def parse_time(text: str, field: str = "time") -> datetime:
+    """ISO 8601 date or date-time; without a zone it is taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(
+            f"{field} {text!r}: expected an ISO 8601 date or time, e.g. 2026-06-01 or "
+            "2026-06-01T10:30:00Z"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def bbox_in_crs(
+    bbox: tuple[float, float, float, float], source: CRS, target: CRS
+) -> tuple[float, float, float, float]:
+    """The box that covers ``bbox`` once reprojected (edges densified, so curved edges fit)."""
+    if source == target:
+        return bbox
+    transformer = Transformer.from_crs(source, target, always_xy=True)
+    return tuple(float(v) for v in transformer.transform_bounds(*bbox, densify_pts=21))
+
+
+def _crs(text: str, field: str) -> CRS:
+    try:
+        return CRS.from_user_input(text)
+    except Exception as error:  # noqa: BLE001 - pyproj raises CRSError and others
+        raise QueryError(f"{field} {text!r} is not a CRS pyproj knows: {error}") from None
+
+
+def in_dataset_crs(where: QueryFilter, dataset_crs: CRS) -> QueryFilter:
+    """The same filter with its bbox in the dataset's CRS (the only one the files know)."""
+    if where.bbox is None or not where.bbox_crs:
+        return replace(where, bbox_crs=None)
+    bbox = bbox_in_crs(where.bbox, _crs(where.bbox_crs, "crs"), dataset_crs)
+    return replace(where, bbox=bbox, bbox_crs=None)
+
+
+def filter_expression(where: QueryFilter) -> ds.Expression | None:
+    """Every filter as one Arrow expression over the rows (bbox in the dataset's CRS)."""
+    terms: list[ds.Expression] = []
+    if where.bbox is not None:
+        xmin, ymin, xmax, ymax = where.bbox
+        terms += [
+            pc.field("bbox", "xmin") <= xmax,
+            pc.field("bbox", "xmax") >= xmin,
+            pc.field("bbox", "ymin") <= ymax,
+            pc.field("bbox", "ymax") >= ymin,
+        ]
+    if where.classes:
+        terms.append(pc.field("class_name").isin(list(where.classes)))
+    if where.scenes:
+        terms.append(pc.field("scene_id").isin(list(where.scenes)))
+    if where.min_score is not None:
+        terms.append(pc.field("score") >= pa.scalar(where.min_score, pa.float32()))
+    stamp = pa.timestamp("us", tz="UTC")
+    if where.since is not None:
+        terms.append(pc.field("acquired_at") >= pa.scalar(where.since, stamp))
+    if where.until is not None:
+        terms.append(pc.field("acquired_at") < pa.scalar(where.until, stamp))
+    if not terms:
+        return None
+    expression = terms[0]
+    for term in terms[1:]:
+        expression = expression & term
+    return expression
+
+
+# Columns a filter needs, by QueryFilter field.
+_FILTER_COLUMNS = {
+    "bbox": ["bbox"],
+    "classes": ["class_name"],
+    "scenes": ["scene_id"],
+    "min_score": ["score"],
+    "since": ["acquired_at"],
+    "until": ["acquired_at"],
+}
+
+
+def filter_columns(where: QueryFilter) -> list[str]:
+    """The top-level columns the filter reads."""
+    needed: list[str] = []
+    for name, columns in _FILTER_COLUMNS.items():
+        if getattr(where, name) not in (None, ()):
+            needed += [c for c in columns if c not in needed]
+    return needed
+
+
+Stats = dict[str, tuple[object, object]]  # leaf column path -> (min, max)
+
+
+def may_match(stats: Stats, where: QueryFilter) -> bool:
+    """Whether a row group with these min/max statistics can hold a row that passes.
+
+    A column without statistics can hold anything. Rows are only ever dropped here when the
+    statistics prove that none passes; the row filter afterwards is exact.
+    """
+
+    def below(column: str, bound: object) -> bool:  # every value < bound
+        return column in stats and stats[column][1] < bound
+
+    def above(column: str, bound: object) -> bool:  # every value > bound
+        return column in stats and stats[column][0] > bound
+
+    if where.bbox is not None:
+        xmin, ymin, xmax, ymax = where.bbox
+        if (
+            above("bbox.xmin", xmax)
+            or above("bbox.ymin", ymax)
+            or below("bbox.xmax", xmin)
+            or below("bbox.ymax", ymin)
+        ):
+            return False
+    for column, wanted in (("class_name", where.classes), ("scene_id", where.scenes)):
+        if wanted and column in stats:
+            low, high = stats[column]
+            if not any(low <= value <= high for value in wanted):
+                return False
+    if where.min_score is not None and below("score", float(np.float32(where.min_score))):
+        return False
+    if where.since is not None and below("acquired_at", where.since):
+        return False
+    return not (
+        where.until is not None
+        and "acquired_at" in stats
+        and stats["acquired_at"][0] >= where.until
+    )
+
+
+def row_group_stats(metadata: pq.FileMetaData, index: int) -> Stats:
+    """Min/max per leaf column of one row group, where the file has them."""
+    group = metadata.row_group(index)
+    stats: Stats = {}
+    for position in range(group.num_columns):
+        column = group.column(position)
+        found = column.statistics
+        if found is not None and found.has_min_max:
+            stats[column.path_in_schema] = (found.min, found.max)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+# Bytes read from a file's end in one request: the footer (schema, row-group statistics, geo
+# metadata) of a scene file fits, so a file whose row groups all fail the filter costs one
+# small read. Arrow's own default (64 KiB) alone is ~6 % of a 1 MB scene file.
+FOOTER_READ = 16 * 1024
+
+# Files read at once: footers and row groups are small requests; object storage wants many
+# in flight, local disk does not mind.
+READ_THREADS = 16
+
+
+def read_footer(filesystem: pafs.FileSystem, path: str) -> pq.FileMetaData:
+    """A Parquet file's metadata, read with one request (two if the footer is large)."""
+    try:
+        with filesystem.open_input_file(path) as handle:
+            size = handle.size()
+            tail = handle.read_at(min(size, FOOTER_READ), max(0, size - FOOTER_READ))
+            if size < 12 or tail[-4:] != b"PAR1":
+                raise QueryError(f"{path}: is not a Parquet file (no PAR1 magic at its end)")
+            length = int.from_bytes(tail[-8:-4], "little")
+            if length + 8 > size:
+                raise QueryError(f"{path}: Parquet footer longer than the file")
+            missing = length + 8 - len(tail)
+            if missing > 0:  # a footer longer than the first read: fetch only the rest
+                tail = handle.read_at(missing, size - length - 8) + tail
+        # Parquet's parser wants the footer as the end of a file that starts with the magic.
+        return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise QueryError(f"{path}: cannot be read as Parquet: {error}") from None
+
+
+class _ExactReads(pafs.FSSpecHandler):
+    """fsspec files without read-ahead: a range asked for is the range fetched.
+
+    fsspec's buffered files (s3fs, gcsfs, ...) otherwise read whole blocks of megabytes
+    ahead, so a footer or a row group would cost most of a scene file.
+    """
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
+
+
+@dataclass(frozen=True)
+class Detections:
+    """The files of a detections dataset, how to read them, and its CRS."""
+
+    source: str
+    files: list[str]
+    filesystem: pafs.FileSystem
+    crs: CRS
+    schema: pa.Schema  # the first file's (the writer's SCHEMA when there are no files)
+    geo: dict | None  # the first file's ``geo`` metadata
+    reads: ReadCounter | None = None  # what was read from storage, when counted
+
+    def total_bytes(self) -> int:
+        """The size of every file of the dataset (a listing, no reads)."""
+        return sum(info.size for info in self.filesystem.get_file_info(self.files))
+
+
+def open_detections(
+    source: str, filesystem: pafs.FileSystem | None = None, *, count_reads: bool = False
+) -> Detections:
+    """List a dataset's files: an output root, its ``detections`` folder, a glob or one file.
+
+    ``filesystem`` (a pyarrow filesystem over the same paths) replaces the one the URI
+    implies. ``count_reads`` counts every byte read from storage from here on
+    (``Detections.reads``), the first file's footer included.
+
+    Raises:
+        QueryError: when nothing is there, or the first file is not GeoParquet.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(source)
+    root = root.rstrip("/") or "/"
+    if _GLOB.search(root):
+        files = sorted(fs.glob(root))
+    elif fs.isfile(root):
+        files = [root]
+    elif fs.isdir(root):
+        folder = f"{root}/detections" if fs.isdir(f"{root}/detections") else root
+        # '*.parquet' leaves out files still being written ('<name>.parquet.tmp-<hex>').
+        files = sorted(fs.glob(f"{folder}/*.parquet"))
+    else:
+        raise QueryError(f"{source}: no such file or folder")
+    if filesystem is None:
+        local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+        filesystem = pafs.LocalFileSystem() if local else pafs.PyFileSystem(_ExactReads(fs))
+    reads = None
+    if count_reads:
+        filesystem, reads = counting_filesystem(filesystem)
+    crs, schema, geo = CRS.from_user_input("OGC:CRS84"), SCHEMA, None
+    if files:
+        first = read_footer(filesystem, files[0])
+        geo, schema = geo_of(first, files[0]), first.schema.to_arrow_schema()
+        column = geo["columns"][geo.get("primary_column", "geometry")]
+        if column.get("crs") is not None:  # absent means lon/lat (GeoParquet spec)
+            crs = CRS.from_json_dict(column["crs"])
+    return Detections(source, files, filesystem, crs, schema, geo, reads)
+
+
+def geo_of(metadata: pq.FileMetaData, path: str) -> dict:
+    """The ``geo`` metadata of a file, or an error naming the file."""
+    geo = (metadata.metadata or {}).get(b"geo")
+    if geo is None:
+        raise QueryError(f"{path}: has no GeoParquet 'geo' metadata; is it georetina output?")
+    return json.loads(geo)
+
+
+def _read_file(
+    found: Detections, path: str, where: QueryFilter, columns: list[str]
+) -> pa.Table | None:
+    """One file's passing rows: its footer, then only the row groups the statistics allow."""
+    metadata = read_footer(found.filesystem, path)
+    groups = [
+        i for i in range(metadata.num_row_groups) if may_match(row_group_stats(metadata, i), where)
+    ]
+    if not groups:
+        return None
+    expression = filter_expression(where)
+    needed = columns + [c for c in filter_columns(where) if c not in columns]
+    try:
+        with found.filesystem.open_input_file(path) as handle:
+            table = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True).read_row_groups(
+                groups, columns=needed
+            )
+    except (pa.ArrowInvalid, OSError) as error:
+        raise QueryError(f"{path}: cannot be read: {error}") from None
+    if expression is not None:
+        table = table.filter(expression)
+    return table.select(columns)
+
+
+def query_detections(
+    source: str | Detections,
+    where: QueryFilter = QueryFilter(),
+    *,
+    columns: list[str] | None = None,
+    limit: int | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> pa.Table:
+    """The rows that pass ``where``, in file order and each file's (spatial) row order.
+
+    Each file costs one small read of its footer; of its data, only the row groups whose
+    statistics may pass are read, and only the columns asked for plus those filtered on.
+    """
+    found = source if isinstance(source, Detections) else open_detections(source, filesystem)
+    where = in_dataset_crs(where, found.crs)
+    columns = list(columns or found.schema.names)
+    unknown = [c for c in columns if c not in found.schema.names]
+    if unknown:
+        raise QueryError(f"columns {unknown}: not in {found.source} ({found.schema.names})")
+    parts: list[pa.Table] = []
+    rows = 0
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for table in pool.map(lambda path: _read_file(found, path, where, columns), found.files):
+            if table is None or table.num_rows == 0:
+                continue
+            parts.append(table)
+            rows += table.num_rows
+            if limit is not None and rows >= limit:
+                break
+    schema = pa.schema([found.schema.field(c) for c in columns])
+    result = pa.concat_tables(parts) if parts else schema.empty_table()
+    return result.slice(0, limit) if limit is not None else result
+
+
+def count_detections(
+    source: str | Detections,
+    where: QueryFilter = QueryFilter(),
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> pa.Table:
+    """Detections per scene and class (``scene_id, class_name, count``), sorted."""
+    table = query_detections(
+        source, where, columns=["scene_id", "class_name"], filesystem=filesystem
+    )
+    counts = table.group_by(["scene_id", "class_name"]).aggregate([([], "count_all")])
+    counts = counts.select(["scene_id", "class_name", "count_all"])
+    counts = counts.rename_columns(["scene_id", "class_name", "count"])
+    return counts.sort_by([("scene_id", "ascending"), ("class_name", "ascending")])
+
+
+# --------------------------------------------------------------------------------------------
+# Writing results
+# --------------------------------------------------------------------------------------------
+
+
+def with_geo_metadata(table: pa.Table, found: Detections) -> pa.Table:
+    """The table with the dataset's ``geo`` metadata, its extent that of these rows."""
+    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    extent = [float(v) for v in shapely.total_bounds(geometries)] if len(geometries) else []
+    column = (found.geo or {}).get("columns", {}).get("geometry", {})
+    meta = geo_metadata(found.crs.to_json_dict(), extent, column.get("geometry_types", []))
+    return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
+
+
+def _flat(table: pa.Table) -> pa.Table:
+    """Scalars only: the bbox struct as four columns, geometry as WKT."""
+    if "bbox" in table.column_names:
+        box = table.column("bbox").combine_chunks()
+        index = table.column_names.index("bbox")
+        table = table.remove_column(index)
+        for offset, name in enumerate(("xmin", "ymin", "xmax", "ymax")):
+            table = table.add_column(index + offset, f"bbox_{name}", box.field(name))
+    if "geometry" in table.column_names:
+        wkb = table.column("geometry").to_numpy(zero_copy_only=False)
+        wkt = shapely.to_wkt(shapely.from_wkb(wkb), rounding_precision=-1)
+        index = table.column_names.index("geometry")
+        table = table.set_column(index, "geometry", pa.array(wkt, pa.string()))
+    return table
+
+
+def render_table(table: pa.Table) -> str:
+    """A fixed-width text table of the columns worth reading on a terminal."""
+    names = table.column_names
+    # Detections: the readable columns; anything else (counts): all of them.
+    shown = [c for c in TABLE_COLUMNS if c in names] if "geometry" in names else names
+    frame = table.select(shown).to_pandas()
+    if "score" in frame:
+        frame["score"] = frame["score"].map(lambda s: f"{s:.3f}")
+    text = frame.to_string(index=False) if len(frame) else "(no rows)"
+    return f"{text}\n{table.num_rows} row(s)\n"
+
+
+def render_csv(table: pa.Table) -> bytes:
+    import pyarrow.csv
+
+    sink = io.BytesIO()
+    pyarrow.csv.write_csv(_flat(table), sink)
+    return sink.getvalue()
+
+
+def render_geojson(table: pa.Table, crs: CRS) -> bytes:
+    """A FeatureCollection in lon/lat (RFC 7946), whatever the dataset's CRS."""
+    geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    lonlat = CRS.from_user_input("OGC:CRS84")
+    if len(geometries) and crs != lonlat:
+        transformer = Transformer.from_crs(crs, lonlat, always_xy=True)
+        geometries = shapely.transform(
+            geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
+        )
+    properties = _flat(table.drop_columns(["geometry"])).to_pylist()
+    features = [
+        {
+            "type": "Feature",
+            "geometry": json.loads(shapely.to_geojson(geometry)),
+            "properties": {k: _jsonable(v) for k, v in props.items()},
+        }
+        for geometry, props in zip(geometries, properties, strict=True)
+    ]
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def _jsonable(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def write_result(
+    table: pa.Table, fmt: str, found: Detections, destination: str | None, stdout: io.TextIOBase
+) -> None:
+    """Write ``table`` as ``fmt`` to ``destination`` (a path or URI), or to ``stdout``."""
+    if fmt not in FORMATS:
+        raise QueryError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        if destination is None:
+            raise QueryError("format 'parquet' needs an output file (-o FILE)")
+        from pipeline.geoparquet import write_parquet_atomic
+
+        if "geometry" in table.column_names:
+            table = with_geo_metadata(table, found)
+        write_parquet_atomic(table, destination, row_group_size=10_000)
+        return
+    if fmt == "table":
+        data = render_table(table).encode()
+    elif fmt == "csv":
+        data = render_csv(table)
+    elif "geometry" in table.column_names:
+        data = render_geojson(table, found.crs)
+    else:
+        raise QueryError("format 'geojson' needs detections; counts are table, csv or parquet")
+    if destination is None:
+        stdout.write(data.decode())
+        return
+    import fsspec
+
+    with fsspec.open(destination, "wb", auto_mkdir=True) as handle:
+        handle.write(data)
