@@ -294,8 +294,9 @@ def render_run_map(scene_outputs: Sequence[str], destination: str) -> str | None
         for b in bounds
     ]
     image = density_image(counts, scenes)
-    ImageDraw.Draw(image).text(
-        (4, 4), f"{total} detections, {len(extents)} scene(s)", fill=(0, 0, 0)
-    )
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), f"{total} detections, {len(extents)} scene(s)", fill=(0, 0, 0))
+    corners = f"x {xmin:.5g}..{xmax:.5g}  y {ymin:.5g}..{ymax:.5g}  ({datasets[0].crs.to_string()})"
+    draw.text((4, height - 14), corners, fill=(0, 0, 0))
     _write_png(image, destination)
     return destination
