@@ -1,4 +1,5 @@
-"""`georetina run --address`: a job run by a separate driver on a running Ray head."""
+"""Jobs on a running Ray head: `georetina run --address` (a separate driver) and the Job API
+(`georetina submit|status|logs|stop`), against one real token-authenticated head on loopback."""
 
 import os
 import secrets
@@ -6,7 +7,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import geopandas
 import pytest
@@ -23,17 +27,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class RayHead(NamedTuple):
+    address: str  # GCS, for `georetina run --address`
+    env: dict  # the token settings every client needs (Ray 2.60 turns token auth on)
+    job_api: str  # dashboard / Job Submission API
+
+
+def wait_for_http(url: str, deadline: float) -> None:
+    """Until the server answers at all (401 without a token counts: it is up)."""
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"{url} did not come up")
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real Ray head on loopback with token authentication, stopped after the tests.
-
-    Yields ``(address, env)``: clients need the same token (Ray 2.60 turns token auth on).
-    """
-    port = free_port()
+    """A real Ray head on loopback with token authentication and its Job API, stopped after
+    the tests. Its PATH starts with this venv, as a cluster image's would with Python."""
+    port, dashboard_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("rayhead")
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     ray_bin = Path(sys.executable).parent / "ray"
     head = subprocess.Popen(
         [
@@ -44,7 +71,9 @@ def ray_head(tmp_path_factory):
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
             "--num-cpus=2",
-            "--include-dashboard=false",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
@@ -68,7 +97,8 @@ def ray_head(tmp_path_factory):
     else:
         head.terminate()
         pytest.fail("ray head did not come up")
-    yield address, env
+    wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", deadline)
+    yield RayHead(address, env, f"http://127.0.0.1:{dashboard_port}")
     head.terminate()
     try:
         head.wait(timeout=60)
@@ -77,7 +107,7 @@ def ray_head(tmp_path_factory):
 
 
 def test_cli_runs_a_job_on_a_running_cluster(ray_head, tmp_path):
-    address, env = ray_head
+    address, env, _ = ray_head
     objects = plan_objects(600, 256, 48, count=10, seed=11, max_side=30)
     write_scene(tmp_path / "scene.tif", 600, objects, seed=11, block=128, overviews=False)
     job = tmp_path / "job.yaml"
@@ -102,3 +132,125 @@ def test_cli_runs_a_job_on_a_running_cluster(ray_head, tmp_path):
     assert "scenes: 1 done" in result.stdout
     (output,) = (tmp_path / "out" / "detections").glob("*.parquet")
     assert len(geopandas.read_parquet(output)) == len(objects)
+
+
+def georetina(*args, env, cwd=None, timeout=300):
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "georetina"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def small_job(folder: Path, name: str, seed: int) -> tuple[Path, int]:
+    """A job file beside its scene (shipped with the working directory); output outside."""
+    objects = plan_objects(400, 256, 48, count=6, seed=seed, max_side=30)
+    write_scene(folder / "scene.tif", 400, objects, seed=seed, block=128, overviews=False)
+    job = folder / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "inputs": ["scene.tif"],
+                "model": {"kind": "threshold"},
+                "tiling": {"tile_size": 256, "overlap": 48},
+                "output": {"path": str(folder.parent / f"{name}-out")},
+            }
+        )
+    )
+    return job, len(objects)
+
+
+def test_submit_ships_the_working_dir_and_runs_the_job(ray_head, tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    job, planted = small_job(folder, "shipped", seed=21)
+    started = time.perf_counter()
+    result = georetina(
+        "submit", "job.yaml", "--address", ray_head.job_api, "--submission-id", "shipped-1",
+        "--no-deps", "--wait", env=ray_head.env, cwd=folder,
+    )  # fmt: skip
+    print(f"submit-to-finish: {time.perf_counter() - started:.1f} s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted shipped-1" in result.stdout
+    assert "scenes: 1 done" in result.stdout  # the job's own summary, followed from its logs
+    assert result.stdout.rstrip().endswith("shipped-1: SUCCEEDED")
+    (output,) = (tmp_path / "shipped-out" / "detections").glob("*.parquet")
+    assert len(geopandas.read_parquet(output)) == planted
+    assert (tmp_path / "shipped-out" / "_runs" / "shipped-1.json").exists()  # run id = job id
+
+    status = georetina("status", "shipped-1", "--address", ray_head.job_api, env=ray_head.env)
+    assert status.returncode == 0 and "shipped-1: SUCCEEDED" in status.stdout
+    logs = georetina("logs", "shipped-1", "--address", ray_head.job_api, env=ray_head.env)
+    assert "scenes: 1 done" in logs.stdout
+    assert (
+        "python -m pipeline.cli run job.yaml --run-id shipped-1"
+        in georetina(
+            "status", "shipped-1", "--json", "--address", ray_head.job_api, env=ray_head.env
+        ).stdout
+    )
+
+
+def test_nightly_submission_runs_once_per_night(ray_head, tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    small_job(folder, "archive", seed=22)
+    args = ["submit", "job.yaml", "--address", ray_head.job_api, "--nightly", "--no-deps"]
+    first = georetina(*args, "--date", "2026-06-01", env=ray_head.env, cwd=folder)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "submitted archive-nightly-20260601" in first.stdout
+    again = georetina(*args, "--date", "2026-06-01", env=ray_head.env, cwd=folder)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "archive-nightly-20260601: already submitted" in again.stdout
+    follow = georetina(
+        "logs", "archive-nightly-20260601", "--follow", "--address", ray_head.job_api,
+        env=ray_head.env,
+    )  # fmt: skip
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+    assert follow.stdout.count("scenes: 1 done") == 1
+    runs = list((tmp_path / "archive-out" / "_runs").glob("*.json"))
+    assert [r.name for r in runs] == ["archive-nightly-20260601.json"]
+
+
+def test_stop_ends_a_running_job(ray_head, tmp_path):
+    sleeper = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ray.job_submission import JobSubmissionClient as C; import sys; "
+            "print(C(sys.argv[1]).submit_job(entrypoint='sleep 600', submission_id='sleeper'))",
+            ray_head.job_api,
+        ],
+        capture_output=True,
+        text=True,
+        env=ray_head.env,
+        timeout=60,
+    )
+    assert sleeper.returncode == 0, sleeper.stderr
+    stop = georetina("stop", "sleeper", "--address", ray_head.job_api, env=ray_head.env)
+    assert stop.returncode == 0 and "sleeper: stop requested" in stop.stdout
+    follow = georetina(
+        "logs", "sleeper", "--follow", "--address", ray_head.job_api, env=ray_head.env
+    )
+    assert follow.returncode == 1  # STOPPED is not success
+    status = georetina("status", "sleeper", "--address", ray_head.job_api, env=ray_head.env)
+    assert "sleeper: STOPPED" in status.stdout
+
+
+def test_job_api_without_the_token_is_a_clear_error(ray_head):
+    env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["HOME"] = "/nonexistent"  # no ~/.ray/auth_token either
+    result = georetina("status", "anything", "--address", ray_head.job_api, env=env)
+    assert result.returncode == 2
+    assert "georetina: error:" in result.stderr
+    assert "token" in result.stderr.lower() or "auth" in result.stderr.lower(), result.stderr
+
+
+def test_unknown_job_is_a_clear_error(ray_head):
+    result = georetina("status", "no-such-job", "--address", ray_head.job_api, env=ray_head.env)
+    assert result.returncode == 2
+    assert "no-such-job" in result.stderr
