@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/tiling.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/query.py
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis

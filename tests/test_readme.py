@@ -1,0 +1,101 @@
+"""The README's query recipes, run verbatim: each gives the same rows as `georetina query`."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.csv
+import pytest
+from detections_data import write_dataset
+
+from pipeline.query import QueryFilter, count_detections, query_detections
+
+README = Path(__file__).parents[1] / "README.md"
+RECIPE = re.compile(r"<!-- recipe: (\S+) -->\s*```(\w+)\n(.*?)```", re.DOTALL)
+# The filter every recipe spells out in its own way.
+WHERE = QueryFilter(
+    bbox=(15.005, 42.0, 15.035, 42.006),
+    classes=("ship",),
+    min_score=0.6,
+    since=datetime(2026, 5, 29, tzinfo=UTC),
+)
+
+
+def recipes() -> dict[str, str]:
+    found = {name: code for name, _, code in RECIPE.findall(README.read_text())}
+    assert set(found) >= {"cli", "geopandas", "duckdb", "duckdb-count", "polars"}
+    return found
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding ``out/``, as a user's would after a run."""
+    folder = tmp_path_factory.mktemp("readme")
+    write_dataset(folder / "out", scenes=4, count=300)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_results(workdir) -> tuple[set[str], list[tuple[str, str, int]]]:
+    """Run the README's shell lines as they are, with the venv's `georetina` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    outputs = []
+    for line in recipes()["cli"].strip().splitlines():
+        assert line.startswith("georetina query ")
+        done = subprocess.run(
+            shlex.split(line), cwd=workdir, env=env, capture_output=True, text=True, check=True
+        )
+        outputs.append(done.stdout)
+    rows = pyarrow.csv.read_csv(workdir / "ships.csv")
+    counts = []
+    for line in outputs[1].strip().splitlines()[1:-1]:  # header ... 'N row(s)'
+        scene_id, class_name, count = line.split()
+        counts.append((scene_id, class_name, int(count)))
+    return set(rows.column("detection_id").to_pylist()), counts
+
+
+def run_recipe(name: str, workdir: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(workdir)
+    namespace: dict = {}
+    exec(compile(recipes()[name], f"README.md:{name}", "exec"), namespace)
+    return namespace
+
+
+def test_the_cli_recipe_matches_the_library(workdir, cli_results):
+    ids, counts = cli_results
+    expected = query_detections(str(workdir / "out"), WHERE)
+    assert ids == set(expected.column("detection_id").to_pylist())
+    assert 10 < len(ids) < 1200 / 4  # a real selection, not everything
+    per_scene = count_detections(str(workdir / "out"), WHERE).to_pylist()
+    assert counts == [(r["scene_id"], r["class_name"], r["count"]) for r in per_scene]
+
+
+def test_geopandas_recipe(workdir, cli_results, monkeypatch):
+    ships = run_recipe("geopandas", workdir, monkeypatch)["ships"]
+    assert set(ships.detection_id) == cli_results[0]
+    assert len(ships) == len(cli_results[0])
+    assert ships.crs.to_string() == "OGC:CRS84"
+
+
+def test_duckdb_recipe(workdir, cli_results, monkeypatch):
+    ships = run_recipe("duckdb", workdir, monkeypatch)["ships"]
+    assert set(ships.detection_id) == cli_results[0]
+    assert len(ships) == len(cli_results[0])
+    assert ships.wkt.iloc[0].startswith("POLYGON ((15.")
+    assert set(ships.crs) == {"OGC:CRS84"}
+
+
+def test_duckdb_count_recipe(workdir, cli_results, monkeypatch):
+    per_scene = run_recipe("duckdb-count", workdir, monkeypatch)["per_scene"]
+    rows = [(r.scene_id, r.class_name, int(r.count)) for r in per_scene.itertuples()]
+    assert rows == cli_results[1]
+
+
+def test_polars_recipe(workdir, cli_results, monkeypatch):
+    ships = run_recipe("polars", workdir, monkeypatch)["ships"]
+    assert set(ships["detection_id"].to_list()) == cli_results[0]
+    assert ships.height == len(cli_results[0])
