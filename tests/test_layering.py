@@ -14,6 +14,9 @@ PURE = [
     "pipeline.model",
     "pipeline.ledger",
     "pipeline.rasters",
+    "pipeline.query",
+    "pipeline.iostats",
+    "pipeline.quicklook",
 ]
 
 
