@@ -12,21 +12,11 @@ from pipeline.errors import GeoRetinaError, QueryError
 
 
 def _print_report(report: object) -> None:
+    from pipeline.report import summary_lines
     from pipeline.runner import RunReport
 
     assert isinstance(report, RunReport)
-    print(
-        f"scenes: {report.count('done')} done, {report.count('skipped')} skipped, "
-        f"{report.count('failed')} failed"
-    )
-    print(f"tiles: {report.tiles}")
-    print(f"detections: {report.detections}")
-    print(f"tiles_per_s: {report.tiles_per_s:.2f}")
-    print(f"wall_s: {report.wall_s:.1f} (of which starting Ray: {report.ray_start_s:.1f})")
-    print(f"output: {report.output}")
-    for scene in report.scenes:
-        if scene.status == "failed":
-            print(f"  FAILED {scene.scene_id}: {scene.error}")
+    print("\n".join(summary_lines(report.as_dict())))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

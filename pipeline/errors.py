@@ -16,6 +16,9 @@ class JobSpecError(GeoRetinaError, ValueError):
         body = "\n".join(f"  - {line}" for line in problems)
         super().__init__(f"invalid job {source}: {len(problems)} problem(s)\n{body}")
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.source, self.problems))
+
 
 class SceneError(GeoRetinaError, ValueError):
     """A scene that cannot be processed: the message names the scene and what is wrong."""
@@ -24,6 +27,10 @@ class SceneError(GeoRetinaError, ValueError):
         self.scene = scene
         self.problem = problem
         super().__init__(f"scene {scene}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        # Raised in Ray tasks: rebuilt on the driver from its own arguments, not the message.
+        return (type(self), (self.scene, self.problem))
 
 
 class CheckpointError(GeoRetinaError, ValueError):

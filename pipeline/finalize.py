@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -40,6 +41,14 @@ class SceneContext:
     row_group_size: int
     acquired_at: datetime | None = None  # from the source (STAC); else the raster's tags
     stac_item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SceneWritten:
+    """What a scene's write produced: its row count and detections per class name."""
+
+    rows: int
+    per_class: dict[str, int]
 
 
 def scene_output_uri(output_root: str, scene_id: str) -> str:
@@ -93,8 +102,8 @@ def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> 
 
 def finalize_scene(
     context: SceneContext, offsets: list[tuple[int, int]], found: list[TileDetections]
-) -> int:
-    """Merge a scene's tile detections and write its GeoParquet file; returns the row count."""
+) -> SceneWritten:
+    """Merge a scene's tile detections and write its GeoParquet file."""
     boxes, scores, class_ids, is_cut = gather_candidates(context, offsets, found)
     keep, boxes = merge_detections(boxes, scores, class_ids, is_cut, context.merge)
     scores, class_ids = scores[keep], class_ids[keep]
@@ -118,4 +127,4 @@ def finalize_scene(
     crs_json = CRS.from_user_input(context.output_crs).to_json_dict()
     table = detections_table(rows, crs_json)
     write_parquet_atomic(table, context.output_uri, context.row_group_size)
-    return table.num_rows
+    return SceneWritten(table.num_rows, dict(Counter(rows.class_names)))

@@ -24,10 +24,11 @@ from rasterio.windows import Window
 from pipeline.config import JobSpec
 from pipeline.detect import TileDetections, detect_tiles, make_detector
 from pipeline.errors import GeoRetinaError, SceneError
-from pipeline.finalize import SceneContext, finalize_scene, scene_output_uri
+from pipeline.finalize import SceneContext, SceneWritten, finalize_scene, scene_output_uri
 from pipeline.ledger import Ledger, LedgerRecord, now
 from pipeline.merge import MergeOptions
 from pipeline.rasters import RasterInfo, inspect_raster
+from pipeline.report import footprint_km2, progress_line, run_totals
 from pipeline.scenes import Scene, discover_scenes
 from pipeline.tiling import Tile, iter_tiles, plan_tiles
 
@@ -154,7 +155,7 @@ def detections_to_arrow(
 @ray.remote(num_cpus=0.5, max_retries=2)
 def _finalize(
     context: SceneContext, offsets: list[tuple[int, int]], found: list[TileDetections]
-) -> int:
+) -> SceneWritten:
     return finalize_scene(context, offsets, found)
 
 
@@ -173,6 +174,8 @@ class SceneOutcome:
     output: str | None = None
     error: str | None = None
     tiles_without_data: int = 0  # all nodata: never sent to the detector
+    per_class: dict[str, int] = field(default_factory=dict)
+    area_km2: float = 0.0  # the scene's footprint, geodesic
 
 
 @dataclass
@@ -186,6 +189,14 @@ class RunReport:
     tiles: int = 0
     tiles_per_s: float = 0.0
     detections: int = 0
+    # Filled in by _finish from the scenes (pipeline.report.run_totals).
+    scenes_done: int = 0
+    scenes_skipped: int = 0
+    scenes_failed: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    detections_per_class: dict[str, int] = field(default_factory=dict)
+    area_km2: float = 0.0
+    km2_per_hour: float = 0.0
     map: str | None = None  # PNG of where this run's detections fall (None: no detections)
     scenes: list[SceneOutcome] = field(default_factory=list)
 
@@ -205,6 +216,7 @@ class _PendingScene:
     found: dict[int, TileDetections] = field(default_factory=dict)
     error: str | None = None
     without_data: int = 0
+    area_km2: float = 0.0
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -264,6 +276,7 @@ def run_job(
     run_id: str | None = None,
     force: bool = False,
     progress: Callable[[str], None] = print,
+    progress_every_s: float = 10.0,
 ) -> RunReport:
     """Run a job to the end and return its report; one bad scene never stops the others."""
     started = time.perf_counter()
@@ -346,7 +359,12 @@ def run_job(
             acquired_at=scene.acquired_at,
             stac_item_id=scene.stac_item_id,
         )
-        pending[scene.scene_id] = _PendingScene(scene, context, len(tiles))
+        pending[scene.scene_id] = _PendingScene(
+            scene,
+            context,
+            len(tiles),
+            area_km2=footprint_km2(info.width, info.height, info.transform, info.crs_wkt),
+        )
         items.extend(_read_items(scene, info, tiles, tiling.tiles_per_read_task))
     total_tiles = sum(p.expected for p in pending.values())
     progress(f"  {len(pending)} scene(s) planned: {total_tiles} tiles")
@@ -367,16 +385,18 @@ def run_job(
                 tiles_seen += 1
                 if len(state.found) == state.expected:
                     _launch_merge(state, merges, fail)
-            if time.perf_counter() - last_report > 10:
-                rate = tiles_seen / (time.perf_counter() - started - report.ray_start_s)
-                progress(f"  {tiles_seen}/{total_tiles} tiles, {rate:.2f} tiles/s")
+            if time.perf_counter() - last_report >= progress_every_s:
+                busy = time.perf_counter() - started - report.ray_start_s
+                through = len(merges) + report.count("failed")
+                line = progress_line(through, len(todo), tiles_seen, total_tiles, busy)
+                progress(f"  {line}")
                 last_report = time.perf_counter()
         report.tiles = tiles_seen
 
     for scene_id, ref in merges.items():
         state = pending[scene_id]
         try:
-            rows = ray.get(ref)
+            written: SceneWritten = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - recorded per scene
             fail(state.scene, f"merge/write failed: {error}", state.expected)
             continue
@@ -389,7 +409,7 @@ def run_job(
                 "done",
                 run_id,
                 now(),
-                detections=rows,
+                detections=written.rows,
                 output=state.context.output_uri,
             )
         )
@@ -399,14 +419,16 @@ def run_job(
                 state.scene.uri,
                 "done",
                 state.expected,
-                rows,
+                written.rows,
                 state.context.output_uri,
                 tiles_without_data=state.without_data,
+                per_class=written.per_class,
+                area_km2=state.area_km2,
             )
         )
         progress(
             f"  done {scene_id}: {state.expected} tiles ({state.without_data} without data), "
-            f"{rows} detections"
+            f"{written.rows} detections"
         )
     for scene_id, state in pending.items():
         if scene_id not in merges and state.error is None:
@@ -468,6 +490,8 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
     busy = report.wall_s - report.ray_start_s
     report.tiles_per_s = report.tiles / busy if busy > 0 else 0.0
     report.detections = sum(s.detections for s in report.scenes)
+    for key, value in run_totals([asdict(s) for s in report.scenes], busy).items():
+        setattr(report, key, value)
     report.map = _run_map(report, output_root)
     with fsspec.open(
         f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w", auto_mkdir=True

@@ -1,0 +1,124 @@
+"""Run progress and the run report's derived numbers and human summary. Pure: no Ray.
+
+The summary is computed from the report's dict (what ``_runs/<run_id>.json`` holds), so the
+same lines can be printed for a run that finished on a cluster.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from pyproj import CRS, Geod, Transformer
+
+_GEOD = Geod(ellps="WGS84")
+
+
+def footprint_km2(
+    width: int, height: int, transform: tuple[float, ...], crs_wkt: str, per_side: int = 16
+) -> float:
+    """Geodesic area of a raster's footprint (its pixel grid's outline, densified), in km².
+
+    Any CRS: the outline goes to longitude/latitude and the area is taken on the ellipsoid,
+    so UTM metres, degrees and rotated grids all count alike. 0.0 when it cannot be mapped.
+    """
+    a, b, c, d, e, f = transform[:6]
+    steps = np.linspace(0.0, 1.0, per_side, endpoint=False)
+    cols = np.concatenate(
+        [steps * width, np.full(per_side, width), (1 - steps) * width, np.zeros(per_side)]
+    )
+    rows = np.concatenate(
+        [np.zeros(per_side), steps * height, np.full(per_side, height), (1 - steps) * height]
+    )
+    xs, ys = a * cols + b * rows + c, d * cols + e * rows + f
+    try:
+        to_lonlat = Transformer.from_crs(CRS.from_wkt(crs_wkt), "EPSG:4326", always_xy=True)
+        lons, lats = to_lonlat.transform(xs, ys)
+    except Exception:  # noqa: BLE001 - the area is informative; a scene is never failed for it
+        return 0.0
+    if not (np.all(np.isfinite(lons)) and np.all(np.isfinite(lats))):
+        return 0.0
+    area, _ = _GEOD.polygon_area_perimeter(lons, lats)
+    return abs(area) / 1e6
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``12s``; ``?`` when unknown."""
+    if seconds is None or not np.isfinite(seconds):
+        return "?"
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress_line(
+    scenes_done: int, scenes_total: int, tiles_done: int, tiles_total: int, busy_s: float
+) -> str:
+    """``scenes 3/10, tiles 120/400 (30%), 2.10 tiles/s, ETA 2m13s``."""
+    rate = tiles_done / busy_s if busy_s > 0 else 0.0
+    eta = (tiles_total - tiles_done) / rate if rate > 0 else None
+    share = tiles_done / tiles_total if tiles_total else 1.0
+    return (
+        f"scenes {scenes_done}/{scenes_total}, tiles {tiles_done}/{tiles_total} ({share:.0%}), "
+        f"{rate:.2f} tiles/s, ETA {format_duration(eta)}"
+    )
+
+
+_SCENE_PREFIX = re.compile(r"^scene \S+: ")
+
+
+def failure_reason(error: str | None) -> str:
+    """An error without its scene and details, to group failures: 'read failed'."""
+    text = _SCENE_PREFIX.sub("", error or "unknown error")
+    return re.split(r"[:(]", text, maxsplit=1)[0].strip() or text
+
+
+def run_totals(scenes: list[dict[str, Any]], busy_s: float) -> dict[str, Any]:
+    """Counts per status, failures by reason, detections per class, area and its rate."""
+    done = [s for s in scenes if s["status"] == "done"]
+    per_class: Counter[str] = Counter()
+    for scene in done:
+        per_class.update(scene.get("per_class") or {})
+    area = sum(float(s.get("area_km2") or 0.0) for s in done)
+    return {
+        "scenes_done": len(done),
+        "scenes_skipped": sum(s["status"] == "skipped" for s in scenes),
+        "scenes_failed": sum(s["status"] == "failed" for s in scenes),
+        "failures_by_reason": dict(
+            Counter(failure_reason(s.get("error")) for s in scenes if s["status"] == "failed")
+        ),
+        "detections_per_class": dict(sorted(per_class.items())),
+        "area_km2": area,
+        "km2_per_hour": area / busy_s * 3600 if busy_s > 0 else 0.0,
+    }
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The human summary of a run report (its JSON dict)."""
+    per_class = report.get("detections_per_class") or {}
+    classes = ", ".join(f"{name} {count}" for name, count in per_class.items())
+    lines = [
+        f"run {report['run_id']} ({report['job']}, model {report['model_id']})",
+        f"scenes: {report['scenes_done']} done, {report['scenes_skipped']} skipped, "
+        f"{report['scenes_failed']} failed",
+        f"tiles: {report['tiles']}",
+        f"detections: {report['detections']}" + (f" ({classes})" if classes else ""),
+        f"tiles_per_s: {report['tiles_per_s']:.2f}",
+        f"area: {report['area_km2']:.2f} km², {report['km2_per_hour']:.1f} km²/h",
+        f"wall_s: {report['wall_s']:.1f} (of which starting Ray: {report['ray_start_s']:.1f}), "
+        f"{format_duration(report['wall_s'])}",
+        f"output: {report['output']}",
+    ]
+    for reason, count in (report.get("failures_by_reason") or {}).items():
+        lines.append(f"  {count} failed: {reason}")
+    for scene in report["scenes"]:
+        if scene["status"] == "failed":
+            lines.append(f"  FAILED {scene['scene_id']}: {scene['error']}")
+    return lines
