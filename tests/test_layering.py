@@ -17,6 +17,8 @@ PURE = [
     "pipeline.query",
     "pipeline.iostats",
     "pipeline.quicklook",
+    "pipeline.stac",
+    "pipeline.report",
 ]
 
 
