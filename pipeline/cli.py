@@ -145,6 +145,55 @@ def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
     look.set_defaults(func=cmd_quicklook)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_train_spec
+    from pipeline.train import run_training
+
+    report = run_training(load_train_spec(args.train), address=args.address)
+    print(f"checkpoint: {report.output}")
+    print(f"sha256: {report.sha256}")
+    print(
+        f"loss: {report.first_loss:.4f} (epoch 1) -> "
+        f"{report.final_loss:.4f} (epoch {report.epochs})"
+    )
+    print(f"wall_s: {report.wall_s:.1f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from pipeline.evaluate import evaluate_files
+
+    result = evaluate_files(
+        args.detections, args.labels, args.iou, args.score, class_column=args.class_column
+    )
+    print(f"matched in {result.crs} at IoU {result.iou} and score >= {result.score}")
+    print("\n".join(result.lines()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train RetinaNet on labelled rasters (Ray Train)")
+    train.add_argument("train", help="training YAML")
+    train.add_argument("--address", default=None, help="Ray cluster address")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="COCO mAP, AP50 and precision/recall of detections against labels"
+    )
+    evaluate.add_argument("detections", help="a scene's GeoParquet, or an output's detections/")
+    evaluate.add_argument("labels", help="GeoParquet / GeoJSON / GeoPackage boxes, any CRS")
+    evaluate.add_argument("--iou", type=float, default=0.5, help="IoU for precision/recall")
+    evaluate.add_argument("--score", type=float, default=0.5, help="score for precision/recall")
+    evaluate.add_argument("--class-column", default="label", help="labels' class column")
+    evaluate.add_argument("--json", default=None, help="also write the results here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="georetina", description="RetinaNet object detection over geo-raster archives."
@@ -172,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_job_parsers(commands)  # submit, status, logs, stop
     _add_query_parsers(commands)
+    _add_train_parsers(commands)
     return parser
 
 

@@ -55,12 +55,41 @@ class ModelSettings(_Strict):
     nms_threshold: float = Field(0.5, gt=0.0, le=1.0, description="NMS IoU within a tile.")
     topk_candidates: int = Field(1000, gt=0, description="Candidates per pyramid level.")
     detections_per_tile: int = Field(1000, gt=0)
-    anchor_sizes: list[int] = Field([32, 64, 128, 256, 512], min_length=5, max_length=5)
+    fpn_stages: list[int] = Field(
+        [2, 3, 4],
+        min_length=1,
+        description="ResNet stages feeding the FPN (2=C3, 3=C4, 4=C5); P6 and P7 are added "
+        "above the last. [2, 3] drops C5: a much smaller model, for small objects.",
+    )
+    fpn_channels: int = Field(
+        256, ge=8, description="Width of the FPN and of the heads (256 in the paper)."
+    )
+    anchor_sizes: list[int] = Field(
+        [32, 64, 128, 256, 512], description="Anchor size per pyramid level (P3 upwards)."
+    )
     aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
     threshold_level: int = Field(
         200, ge=1, le=255, description="kind=threshold: pixel level that counts as object."
     )
     threshold_min_pixels: int = Field(16, ge=1, description="kind=threshold: smallest blob.")
+
+    @model_validator(mode="after")
+    def _one_anchor_size_per_level(self) -> ModelSettings:
+        if sorted(set(self.fpn_stages)) != self.fpn_stages or not set(self.fpn_stages) <= {
+            2,
+            3,
+            4,
+        }:
+            raise ValueError(
+                f"fpn_stages must be increasing stages among 2, 3, 4: {self.fpn_stages}"
+            )
+        levels = len(self.fpn_stages) + 2
+        if len(self.anchor_sizes) != levels:
+            raise ValueError(
+                f"anchor_sizes needs one size per pyramid level: {levels} levels "
+                f"(fpn_stages {self.fpn_stages} + P6, P7), got {len(self.anchor_sizes)}"
+            )
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -340,11 +369,32 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
 
 
 def _join(base: Path, relative: str) -> str:
-    return os.path.normpath(base / relative)
+    # Absolute: Ray workers (Ray Train sets their cwd) must find the same file.
+    return os.path.normpath(base.absolute() / relative)
 
 
 def _is_local_relative(uri: str) -> bool:
     return "://" not in uri and not Path(uri).is_absolute()
+
+
+def _resolve_model_preset(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``model: preset.yaml`` loaded into a mapping; a relative checkpoint made absolute."""
+    model = data.get("model")
+    if isinstance(model, str):
+        # A model preset: a YAML file of model settings (see configs/).
+        preset = _join(base, model) if _is_local_relative(model) else model
+        try:
+            model = yaml.safe_load(Path(preset).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise JobSpecError(
+                str(base), [f"model: cannot load preset {model!r}: {error}"]
+            ) from None
+        # The preset's own relative paths (its checkpoint) are relative to the preset.
+        base = Path(preset).parent
+    if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+        if _is_local_relative(model["checkpoint"]):
+            model = {**model, "checkpoint": _join(base, model["checkpoint"])}
+    return {} if model is None else {"model": model}
 
 
 def _resolve_input(item: Any, base: Path) -> Any:
@@ -370,18 +420,144 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(output, dict) and isinstance(output.get("path"), str):
         if _is_local_relative(output["path"]):
             data["output"] = {**output, "path": _join(base, output["path"])}
-    model = data.get("model")
-    if isinstance(model, str):
-        # A model preset: a YAML file of model settings (see configs/).
-        preset = _join(base, model) if _is_local_relative(model) else model
-        try:
-            model = yaml.safe_load(Path(preset).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise JobSpecError(
-                str(base), [f"model: cannot load preset {model!r}: {error}"]
-            ) from None
-        data["model"] = model
-    if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
-        if _is_local_relative(model["checkpoint"]):
-            data["model"] = {**model, "checkpoint": _join(base, model["checkpoint"])}
+    data.update(_resolve_model_preset(data, base))
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# Training spec (``georetina train TRAIN.yaml``)
+# --------------------------------------------------------------------------------------------
+
+
+class LabelSource(_Strict):
+    """Boxes to learn from: geo labels over one raster, or a pixel CSV naming its rasters."""
+
+    labels: str = Field(
+        ...,
+        description="GeoParquet / GeoJSON / GeoPackage boxes in any CRS, or a pixel CSV "
+        "(image_path, xmin, ymin, xmax, ymax, label; DeepForest's format).",
+    )
+    raster: str | None = Field(None, description="The raster geo labels lie on (not for CSV).")
+    class_column: str = Field(
+        "label", description="Column holding class names; optional with one class."
+    )
+
+    @model_validator(mode="after")
+    def _raster_for_geo_labels(self) -> LabelSource:
+        if not self.labels.lower().endswith(".csv") and self.raster is None:
+            raise ValueError(f"labels {self.labels!r} are geo labels: name their `raster`")
+        return self
+
+
+class ChipSettings(_Strict):
+    """Training chips: sampled around labels and from the background, each epoch anew."""
+
+    size: int = Field(256, ge=32, le=2048, description="Chip side in pixels.")
+    per_epoch: int = Field(512, ge=1, description="Chips per epoch (over all workers).")
+    background_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    min_visible: float = Field(
+        0.6, gt=0.0, le=1.0, description="A box cut by the chip edge counts if this much shows."
+    )
+
+
+class OptimSettings(_Strict):
+    """RetinaNet's recipe: SGD with momentum, weight decay, warm-up and step decays."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(8, ge=1, description="Chips per step, per worker.")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd",
+        description="'sgd' (the paper's, with momentum) or 'adamw' (converges in fewer steps "
+        "from random weights, useful on CPUs; use learning_rate ~1e-3 with it).",
+    )
+    learning_rate: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up from lr/10.")
+    lr_steps: list[float] = Field(
+        [0.67, 0.89],
+        description="Fractions of training at which lr is multiplied by lr_gamma "
+        "(the paper's 60k and 80k of 90k iterations).",
+    )
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    grad_clip: float | None = Field(10.0, gt=0.0, description="Max gradient norm; null = off.")
+
+
+class TrainScaling(_Strict):
+    """Ray Train workers: one per GPU, or CPU workers."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class TrainSpec(_Strict):
+    """One training file: model settings, label sources, chips, optimiser, output checkpoint."""
+
+    name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelSettings = Field(
+        ModelSettings(),
+        description="As in a job (a preset path works); its checkpoint is not used here.",
+    )
+    init_checkpoint: str | None = Field(
+        None,
+        description="Weights to start from (fine-tuning, e.g. a DeepForest or torchvision "
+        "checkpoint); tensors whose shapes differ (another class list) start fresh.",
+    )
+    data: list[LabelSource] = Field(..., min_length=1)
+    bands: list[int] | None = None
+    scale_range: tuple[float, float] | None = None
+    chips: ChipSettings = ChipSettings()
+    optim: OptimSettings = OptimSettings()
+    scaling: TrainScaling = TrainScaling()
+    output: str = Field(..., description="Checkpoint to write (.safetensors), path or URI.")
+    save_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="fp16 halves the file; loading converts back to fp32."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _retinanet_only(self) -> TrainSpec:
+        if self.model.kind != "retinanet":
+            raise ValueError("model.kind must be 'retinanet' to train")
+        if not self.output.endswith(".safetensors"):
+            raise ValueError(f"output {self.output!r} must end in .safetensors")
+        return self
+
+
+def load_train_spec(path: str | Path) -> TrainSpec:
+    """Read a training YAML; relative label, raster and output paths are relative to it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise JobSpecError(str(path), [f"(file): cannot read: {error}"]) from None
+    except yaml.YAMLError as error:
+        raise JobSpecError(str(path), [f"(yaml): {error}"]) from None
+    if not isinstance(data, dict):
+        raise JobSpecError(str(path), ["(top level): a training file must be a mapping"])
+    base = path.parent
+    data = {**data, **_resolve_model_preset(data, base)}
+    for key in ("output", "init_checkpoint"):
+        if isinstance(data.get(key), str) and _is_local_relative(data[key]):
+            data[key] = _join(base, data[key])
+    if isinstance(data.get("data"), list):
+        data["data"] = [
+            {
+                **item,
+                **{
+                    key: _join(base, item[key])
+                    for key in ("labels", "raster")
+                    if isinstance(item.get(key), str) and _is_local_relative(item[key])
+                },
+            }
+            if isinstance(item, dict)
+            else item
+            for item in data["data"]
+        ]
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as error:
+        raise JobSpecError(str(path), _format_errors(error)) from None

@@ -8,10 +8,10 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet50
+from torchvision.models import ResNet, resnet18, resnet50
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -43,22 +43,29 @@ def _anchor_generator(settings: ModelSettings) -> AnchorGenerator:
     return AnchorGenerator(sizes, ratios)
 
 
+def _fpn_backbone(body: ResNet, settings: ModelSettings) -> BackboneWithFPN:
+    """ResNet stages -> FPN (+ P6, P7), named as torchvision's ``_resnet_fpn_extractor`` names
+    them; stages above the last one asked for are not built at all."""
+    stage_channels = body.inplanes // 8  # C2 width of a BasicBlock or Bottleneck ResNet
+    in_channels = [stage_channels * 2 ** (stage - 1) for stage in settings.fpn_stages]
+    width = settings.fpn_channels
+    # v1 computes P6 from P5 (FPN output), v2 from C5 (the backbone), as torchvision does.
+    if settings.backbone == "resnet50_fpn_v2":
+        extra = LastLevelP6P7(in_channels[-1], width)
+    else:
+        extra = LastLevelP6P7(width, width)
+    return_layers = {f"layer{stage}": str(i) for i, stage in enumerate(settings.fpn_stages)}
+    return BackboneWithFPN(body, return_layers, in_channels, width, extra_blocks=extra)
+
+
 def build_model(settings: ModelSettings, tile_size: int) -> RetinaNet:
     """A RetinaNet in eval mode with the job's classes, anchors and inference knobs.
 
     Layer names match torchvision's own builders, so their state dicts load unchanged.
     """
     torch.manual_seed(UNTRAINED_SEED)
-    if settings.backbone == "resnet18_fpn":
-        body = resnet18(weights=None)
-        extra = LastLevelP6P7(256, 256)
-    elif settings.backbone == "resnet50_fpn":
-        body = resnet50(weights=None)
-        extra = LastLevelP6P7(256, 256)
-    else:
-        body = resnet50(weights=None)
-        extra = LastLevelP6P7(2048, 256)
-    backbone = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=extra)
+    body = resnet18(weights=None) if settings.backbone == "resnet18_fpn" else resnet50(weights=None)
+    backbone = _fpn_backbone(body, settings)
     anchors = _anchor_generator(settings)
     head = None
     if settings.backbone == "resnet50_fpn_v2":

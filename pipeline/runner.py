@@ -219,13 +219,19 @@ class _PendingScene:
     area_km2: float = 0.0
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start Ray embedded in this process."""
+def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start Ray embedded in this process.
+
+    ``log_to_driver`` shows workers' prints (training progress); jobs keep them quiet.
+    """
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
-        address=target, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        address=target,
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        logging_level=logging.WARNING,
     )
 
 

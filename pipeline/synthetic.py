@@ -162,3 +162,47 @@ def match_planted(
         matched_box.add(b)
         hits += 1
     return hits, len(boxes)
+
+
+def write_labels(path: str | Path, objects: list[Planted], transform: Affine, crs: str) -> None:
+    """The planted boxes as a GeoParquet of polygons in the scene's CRS (training labels)."""
+    import geopandas
+    from shapely.geometry import Polygon
+
+    polygons = [
+        Polygon(
+            [
+                transform * (x, y)
+                for x, y in ((o.x0, o.y0), (o.x1, o.y0), (o.x1, o.y1), (o.x0, o.y1))
+            ]
+        )
+        for o in objects
+    ]
+    frame = geopandas.GeoDataFrame({"label": ["object"] * len(objects)}, geometry=polygons, crs=crs)
+    frame.to_parquet(path)
+
+
+def write_training_set(
+    folder: str | Path, scenes: int = 4, size: int = 1536, objects: int = 60, seed: int = 100
+) -> list[tuple[Path, Path]]:
+    """Synthetic scenes with their labels (GeoParquet), for ``georetina train``.
+
+    Seeds start at 100 so the training scenes never repeat the demo scene (seed 0).
+    Returns ``(raster, labels)`` pairs.
+    """
+    folder = Path(folder)
+    pairs = []
+    for i in range(scenes):
+        raster, labels = folder / f"train_{i}.tif", folder / f"train_{i}.labels.parquet"
+        planted = plan_objects(size, 512, 64, objects, seed=seed + i)
+        transform = write_scene(raster, size, planted, seed=seed + i)
+        write_labels(labels, planted, transform, "EPSG:32633")
+        pairs.append((raster, labels))
+    return pairs
+
+
+if __name__ == "__main__":  # python -m pipeline.synthetic FOLDER: the demo model's training set
+    import sys
+
+    for raster, labels in write_training_set(sys.argv[1] if len(sys.argv) > 1 else "train"):
+        print(f"{raster} {labels}")
