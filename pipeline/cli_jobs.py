@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{result.submission_id}: already submitted ({result.status}); not submitted again")
         return 1 if result.status in ("FAILED", "STOPPED") else 0
     print(f"submitted {result.submission_id}")
+    for warning in result.warnings:
+        print(f"georetina: warning: {warning}", file=sys.stderr)
     if not args.wait:
         return 0
     from pipeline.submit import wait_for_job

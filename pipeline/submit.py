@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.config import load_job
+from pipeline.config import JobSpec, load_job
 from pipeline.errors import GeoRetinaError
 
 # Never re-ship these: big, local, or what the cluster image already has.
@@ -41,6 +41,35 @@ class Submission:
     submission_id: str
     created: bool  # False: a job with this id already existed (nightly re-submit)
     status: str
+    warnings: tuple[str, ...] = ()
+
+
+def shipped_path_warnings(spec: JobSpec, working_dir: Path) -> list[str]:
+    """Local paths of the job that land inside the shipped working directory.
+
+    The cluster unpacks it under a new folder per upload: inputs there get a new URI (so a new
+    scene id, and the ledger cannot tell them from last night's), and an output there is lost
+    with the folder.
+    """
+    root = working_dir.resolve()
+
+    def inside(path: str) -> bool:
+        return "://" not in path and Path(path).resolve().is_relative_to(root)
+
+    found = []
+    shipped = [i for i in spec.inputs if isinstance(i, str) and inside(i)]
+    if shipped:
+        found.append(
+            f"input(s) {', '.join(shipped)} are shipped with the working directory: each "
+            "upload gets a new path, so later runs cannot skip them; use object storage or a "
+            "path every node shares for incremental jobs"
+        )
+    if inside(spec.output.path):
+        found.append(
+            f"output {spec.output.path} is inside the working directory: it would be written "
+            "to the cluster's copy and lost; use object storage or a shared path"
+        )
+    return found
 
 
 def nightly_submission_id(job_name: str, day: date) -> str:
@@ -140,7 +169,8 @@ def submit_job(
             if existing is None:
                 raise
             return Submission(submission_id, False, existing)
-        return Submission(created, True, _status_or_none(api, created) or "PENDING")
+        warnings = tuple(shipped_path_warnings(spec, working_dir))
+        return Submission(created, True, _status_or_none(api, created) or "PENDING", warnings)
 
 
 def _status_or_none(api: Any, submission_id: str) -> str | None:

@@ -145,16 +145,20 @@ def georetina(*args, env, cwd=None, timeout=300):
     )
 
 
-def small_job(folder: Path, name: str, seed: int) -> tuple[Path, int]:
-    """A job file beside its scene (shipped with the working directory); output outside."""
+def small_job(
+    folder: Path, name: str, seed: int, scene_dir: Path | None = None
+) -> tuple[Path, int]:
+    """A job file beside its scene (shipped with the working directory), or with its scene in
+    ``scene_dir`` (a path every node shares, as an archive is); the output outside."""
     objects = plan_objects(400, 256, 48, count=6, seed=seed, max_side=30)
-    write_scene(folder / "scene.tif", 400, objects, seed=seed, block=128, overviews=False)
+    scene = (scene_dir or folder) / "scene.tif"
+    write_scene(scene, 400, objects, seed=seed, block=128, overviews=False)
     job = folder / "job.yaml"
     job.write_text(
         yaml.safe_dump(
             {
                 "name": name,
-                "inputs": ["scene.tif"],
+                "inputs": [str(scene) if scene_dir else "scene.tif"],
                 "model": {"kind": "threshold"},
                 "tiling": {"tile_size": 256, "overlap": 48},
                 "output": {"path": str(folder.parent / f"{name}-out")},
@@ -176,6 +180,7 @@ def test_submit_ships_the_working_dir_and_runs_the_job(ray_head, tmp_path):
     print(f"submit-to-finish: {time.perf_counter() - started:.1f} s")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "submitted shipped-1" in result.stdout
+    assert "are shipped with the working directory" in result.stderr  # fine once, not nightly
     assert "scenes: 1 done" in result.stdout  # the job's own summary, followed from its logs
     assert result.stdout.rstrip().endswith("shipped-1: SUCCEEDED")
     (output,) = (tmp_path / "shipped-out" / "detections").glob("*.parquet")
@@ -195,13 +200,15 @@ def test_submit_ships_the_working_dir_and_runs_the_job(ray_head, tmp_path):
 
 
 def test_nightly_submission_runs_once_per_night(ray_head, tmp_path):
-    folder = tmp_path / "project"
+    folder, archive = tmp_path / "project", tmp_path / "archive"
     folder.mkdir()
-    small_job(folder, "archive", seed=22)
+    archive.mkdir()
+    small_job(folder, "archive", seed=22, scene_dir=archive)
     args = ["submit", "job.yaml", "--address", ray_head.job_api, "--nightly", "--no-deps"]
     first = georetina(*args, "--date", "2026-06-01", env=ray_head.env, cwd=folder)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "submitted archive-nightly-20260601" in first.stdout
+    assert "warning" not in first.stderr
     again = georetina(*args, "--date", "2026-06-01", env=ray_head.env, cwd=folder)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "archive-nightly-20260601: already submitted" in again.stdout
@@ -213,6 +220,11 @@ def test_nightly_submission_runs_once_per_night(ray_head, tmp_path):
     assert follow.stdout.count("scenes: 1 done") == 1
     runs = list((tmp_path / "archive-out" / "_runs").glob("*.json"))
     assert [r.name for r in runs] == ["archive-nightly-20260601.json"]
+
+    # The next night: a new submission, and only what is new is processed (nothing here).
+    night2 = georetina(*args, "--date", "2026-06-02", "--wait", env=ray_head.env, cwd=folder)
+    assert night2.returncode == 0, night2.stdout + night2.stderr
+    assert "scenes: 0 done, 1 skipped, 0 failed" in night2.stdout, night2.stdout
 
 
 def test_stop_ends_a_running_job(ray_head, tmp_path):

@@ -71,3 +71,17 @@ def test_bad_job_file_fails_before_any_request(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "inputs.0.stac" in err and "output.path" in err
+
+
+def test_paths_inside_the_shipped_folder_are_warned_about(tmp_path):
+    from pipeline.config import parse_job
+    from pipeline.submit import shipped_path_warnings
+
+    shipped = parse_job(
+        {"inputs": [str(tmp_path / "a.tif"), "s3://b/x.tif"], "output": {"path": str(tmp_path)}}
+    )
+    inputs, output = shipped_path_warnings(shipped, tmp_path)
+    assert "a.tif" in inputs and "x.tif" not in inputs and "new path" in inputs
+    assert "lost" in output
+    remote = parse_job({"inputs": ["/archive/*.tif"], "output": {"path": "s3://b/out"}})
+    assert shipped_path_warnings(remote, tmp_path) == []
