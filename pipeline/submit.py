@@ -157,7 +157,8 @@ def submit_job(
     submission_id = submission_id or f"{spec.name}-{time.strftime('%Y%m%dT%H%M%S')}"
     with _job_api(f"submission {submission_id} refused"):
         try:
-            created = api.submit_job(
+            created = _submit_when_ready(
+                api,
                 entrypoint=entrypoint_for(relative, submission_id, force),
                 submission_id=submission_id,
                 runtime_env=build_runtime_env(working_dir, pip),
@@ -171,6 +172,23 @@ def submit_job(
             return Submission(submission_id, False, existing)
         warnings = tuple(shipped_path_warnings(spec, working_dir))
         return Submission(created, True, _status_or_none(api, created) or "PENDING", warnings)
+
+
+# A head that has just started answers "No available agent to submit job, please try again
+# later" until its job agent registers (seconds; longer on a busy head).
+AGENT_RETRY_DELAYS_S = (1, 2, 4, 8, 15, 15, 15)
+
+
+def _submit_when_ready(api: Any, **submission: Any) -> str:
+    """``submit_job``, retried with backoff while the head says to try again later."""
+    for delay in (*AGENT_RETRY_DELAYS_S, None):
+        try:
+            return api.submit_job(**submission)
+        except RuntimeError as error:
+            if delay is None or "try again later" not in str(error):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _status_or_none(api: Any, submission_id: str) -> str | None:

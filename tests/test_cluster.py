@@ -46,6 +46,25 @@ def wait_for_http(url: str, deadline: float) -> None:
     pytest.fail(f"{url} did not come up")
 
 
+def wait_for_job_agent(job_api: str, env: dict, deadline: float) -> None:
+    """Until the head takes a job: its job agent registers some seconds after the dashboard."""
+    code = (
+        "import sys, time\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "client = JobSubmissionClient(sys.argv[1])\n"
+        "while True:\n"
+        "    try:\n"
+        "        job = client.submit_job(entrypoint='true')\n"
+        "        break\n"
+        "    except RuntimeError as error:\n"
+        "        if 'try again later' not in str(error): raise\n"
+        "        time.sleep(1)\n"
+        "while not client.get_job_status(job).is_terminal(): time.sleep(0.5)\n"
+    )
+    timeout = max(1.0, deadline - time.time())
+    subprocess.run([sys.executable, "-c", code, job_api], env=env, check=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real Ray head on loopback with token authentication and its Job API, stopped after
@@ -98,6 +117,7 @@ def ray_head(tmp_path_factory):
         head.terminate()
         pytest.fail("ray head did not come up")
     wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", deadline)
+    wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}", env, deadline)
     yield RayHead(address, env, f"http://127.0.0.1:{dashboard_port}")
     head.terminate()
     try:
