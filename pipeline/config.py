@@ -117,6 +117,12 @@ class TilingSettings(_Strict):
         None, description="Input values mapped linearly onto 0..255; default: dtype's range."
     )
     tiles_per_read_task: int = Field(16, ge=1, description="Tiles one open dataset serves.")
+    read_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a scene's pre-flight, or one read task of it, may take; past it "
+        "the scene fails with a timeout (a hung server or mount) and the others go on.",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingSettings:
@@ -315,16 +321,52 @@ class JobSpec(_Strict):
     merge: MergeSettings = MergeSettings()
     output: OutputSettings
 
+    @model_validator(mode="after")
+    def _tiles_fit_the_inflight_budget(self) -> JobSpec:
+        problem = memory_problem(self.tiling, self.detect)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def settings_hash(self) -> str:
         """Hash of every setting that changes results (not where they are written or how fast)."""
         relevant = {
             "model": self.model.model_dump(),
-            "tiling": self.tiling.model_dump(exclude={"tiles_per_read_task"}),
+            "tiling": self.tiling.model_dump(exclude={"tiles_per_read_task", "read_timeout_s"}),
             "merge": self.merge.model_dump(),
             "crs": self.output.crs,
         }
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# A tile in flight holds its H x W x 3 uint8 image and its H x W validity mask.
+TILE_BYTES_PER_PIXEL = 4
+
+
+def memory_problem(tiling: TilingSettings, detect: DetectSettings) -> str | None:
+    """Why a read task's block or a detector batch cannot fit the in-flight budget, or None.
+
+    Ray Data holds whole blocks: a block larger than ``detect.inflight_mb_per_actor`` is not
+    slowed down by the budget, it overruns it (and a huge tile would take a node's memory down
+    mid-run). Refused here, before any scene is opened, with the fields to change.
+    """
+    tile_mb = tiling.tile_size**2 * TILE_BYTES_PER_PIXEL / 2**20
+    budget = detect.inflight_mb_per_actor
+    for what, tiles, field in (
+        ("a read task", tiling.tiles_per_read_task, "tiling.tiles_per_read_task"),
+        ("a detector batch", detect.batch_size, "detect.batch_size"),
+    ):
+        if tiles * tile_mb > budget:
+            fits = int(budget // tile_mb)
+            fix = f"lower {field} to {fits}" if fits >= 1 else "lower tiling.tile_size"
+            return (
+                f"{what} of {tiles} tile(s) of {tiling.tile_size} px holds "
+                f"{tiles * tile_mb:.0f} MB, more than detect.inflight_mb_per_actor "
+                f"({budget} MB): {fix}, "
+                "or raise detect.inflight_mb_per_actor if the nodes have the memory"
+            )
+    return None
 
 
 def _format_errors(error: ValidationError) -> list[str]:

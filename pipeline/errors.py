@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.redact import redact_text
+
 
 class GeoRetinaError(Exception):
     """Root of every error this package raises on purpose."""
@@ -25,8 +27,8 @@ class SceneError(GeoRetinaError, ValueError):
 
     def __init__(self, scene: str, problem: str) -> None:
         self.scene = scene
-        self.problem = problem
-        super().__init__(f"scene {scene}: {problem}")
+        self.problem = redact_text(problem)  # GDAL's messages quote the URL, query and all
+        super().__init__(f"scene {scene}: {self.problem}")
 
     def __reduce__(self) -> tuple:
         # Raised in Ray tasks: rebuilt on the driver from its own arguments, not the message.

@@ -27,6 +27,11 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_MULTIPLEX": "YES",
     "GDAL_HTTP_MAX_RETRY": 5,
     "GDAL_HTTP_RETRY_DELAY": 1,
+    # A connection that stalls (a server that accepts and never answers) is dropped after a
+    # minute instead of holding a read forever; tiling.read_timeout_s fails the scene sooner.
+    "GDAL_HTTP_CONNECTTIMEOUT": 30,
+    "GDAL_HTTP_LOW_SPEED_TIME": 60,
+    "GDAL_HTTP_LOW_SPEED_LIMIT": 1,
     "VSI_CACHE": "TRUE",
     # In bytes (rasterio; a bare 256 meant 256 bytes: no cache). Enough for one row of 512-px
     # blocks of a 32k-wide RGB raster, the span overlapping tiles reuse; no more, so a
@@ -76,6 +81,11 @@ def open_shared_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
         while len(_OPEN_DATASETS) > _MAX_OPEN_DATASETS:
             _OPEN_DATASETS.popitem(last=False)[1].close()
         yield dataset
+
+
+def forget_shared_raster(uri: str) -> None:
+    """Stop sharing ``uri``'s dataset without closing it (a timed-out read still holds it)."""
+    _OPEN_DATASETS.pop(uri, None)
 
 
 def close_shared_rasters() -> None:
@@ -188,6 +198,28 @@ def inspect_raster(
         raise
     except (RasterioError, OSError) as error:
         raise SceneError(scene_id, f"cannot be read as a raster ({uri}): {error}") from None
+
+
+def inspect_raster_within(
+    scene_id: str,
+    uri: str,
+    bands: list[int] | None,
+    scale_range: tuple[float, float] | None,
+    timeout_s: float,
+) -> RasterInfo:
+    """:func:`inspect_raster`, failing the scene when it takes longer than ``timeout_s``."""
+    from pipeline.deadline import call_with_deadline
+
+    try:
+        return call_with_deadline(
+            lambda: inspect_raster(scene_id, uri, bands, scale_range), timeout_s, "pre-flight"
+        )
+    except TimeoutError as error:
+        raise SceneError(
+            scene_id,
+            f"read timed out: {error} ({uri}); the storage does not answer "
+            "(raise tiling.read_timeout_s if it is only slow)",
+        ) from None
 
 
 def _info(

@@ -27,10 +27,11 @@ from pipeline.errors import GeoRetinaError, SceneError
 from pipeline.finalize import SceneContext, SceneWritten, finalize_scene, scene_output_uri
 from pipeline.ledger import Ledger, LedgerRecord, now
 from pipeline.merge import MergeOptions
-from pipeline.rasters import RasterInfo, inspect_raster
+from pipeline.rasters import RasterInfo, inspect_raster_within
+from pipeline.redact import redact_text
 from pipeline.report import footprint_km2, progress_line, run_totals
 from pipeline.scenes import Scene, discover_scenes
-from pipeline.tiling import Tile, iter_tiles, plan_tiles
+from pipeline.tiling import Tile, plan_tiles, read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ ALLOCATOR_ENV = {
 # per core beats one multi-threaded actor: no OpenMP barrier stalls when a read task runs).
 READ_TASK_CPUS = 0.5
 
+# A worker or actor that dies (OOM, preemption, a kill) has its task re-run this many times;
+# a tile batch that kills every process it touches then fails its scenes instead of looping.
+# Detector actors themselves are restarted without limit (max_restarts=-1).
+TASK_RETRIES = 3
+
 
 # --------------------------------------------------------------------------------------------
 # Stage functions run by Ray (thin: they call the pure modules)
@@ -55,11 +61,15 @@ READ_TASK_CPUS = 0.5
 
 
 @ray.remote(num_cpus=0.25, max_retries=2)
-def _inspect(scene: Scene, bands: list[int] | None, scale: tuple | None) -> RasterInfo:
-    return inspect_raster(scene.scene_id, scene.uri, bands, scale)
+def _inspect(
+    scene: Scene, bands: list[int] | None, scale: tuple | None, timeout_s: float
+) -> RasterInfo:
+    return inspect_raster_within(scene.scene_id, scene.uri, bands, scale, timeout_s)
 
 
-def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.ndarray]:
+def read_chunk(
+    batch: dict[str, np.ndarray], tile_size: int, read_timeout_s: float = 300.0
+) -> dict[str, np.ndarray]:
     """Ray Data stage: read one chunk of one scene's tiles through one open dataset.
 
     A read failure becomes an ``error`` on every tile of the chunk (with blank images), so
@@ -75,18 +85,18 @@ def read_chunk(batch: dict[str, np.ndarray], tile_size: int) -> dict[str, np.nda
     flat_palette = np.asarray(batch["palette"][0], dtype=np.uint8)
     palette = flat_palette.reshape(256, 3) if flat_palette.size else None
     count = len(indexes)
-    images = np.zeros((count, tile_size, tile_size, 3), dtype=np.uint8)
-    valid = np.zeros((count, tile_size, tile_size), dtype=np.uint8)
     error = ""
     windows = [
         Window(int(c), int(r), tile_size, tile_size)
         for c, r in zip(col_offs, row_offs, strict=True)
     ]
     try:
-        for position, (image, mask) in enumerate(iter_tiles(uri, windows, bands, scale, palette)):
-            images[position], valid[position] = image, mask
+        images, valid = read_tiles(uri, windows, bands, scale, palette, tile_size, read_timeout_s)
     except Exception as failure:  # noqa: BLE001 - any read failure fails this scene only
-        error = str(SceneError(scene_id, f"read failed: {failure}"))
+        images = np.zeros((count, tile_size, tile_size, 3), dtype=np.uint8)
+        valid = np.zeros((count, tile_size, tile_size), dtype=np.uint8)
+        what = "read timed out" if isinstance(failure, TimeoutError) else "read failed"
+        error = str(SceneError(scene_id, f"{what}: {failure}"))
     return {
         "scene_id": np.full(count, scene_id, dtype=object),
         "tile_index": indexes,
@@ -286,6 +296,7 @@ def run_job(
 ) -> RunReport:
     """Run a job to the end and return its report; one bad scene never stops the others."""
     started = time.perf_counter()
+    progress = _redacting(progress)
     run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output_root = spec.output.path
     check_output_writable(output_root)
@@ -296,19 +307,22 @@ def run_job(
     report = RunReport(run_id=run_id, job=spec.name, model_id=model_id, output=output_root)
     ledger = Ledger(output_root)
 
-    scenes = discover_scenes(spec.inputs)
+    scenes = discover_scenes(spec.inputs, timeout_s=spec.tiling.read_timeout_s)
     done = set() if force else ledger.done_keys()
     todo = []
     for scene in scenes:
         if (scene.identity, model_id, settings_hash) in done:
-            report.scenes.append(SceneOutcome(scene.scene_id, scene.uri, "skipped"))
+            report.scenes.append(SceneOutcome(scene.scene_id, scene.public_uri, "skipped"))
         else:
             todo.append(scene)
     progress(f"run {run_id}: {len(scenes)} scene(s), {len(todo)} to process, model {model_id}")
 
     def fail(scene: Scene, error: str, tiles: int = 0) -> None:
+        error = redact_text(error)
         progress(f"  failed {scene.scene_id}: {error}")
-        report.scenes.append(SceneOutcome(scene.scene_id, scene.uri, "failed", tiles, error=error))
+        report.scenes.append(
+            SceneOutcome(scene.scene_id, scene.public_uri, "failed", tiles, error=error)
+        )
         ledger.record(
             LedgerRecord(
                 scene.scene_id,
@@ -327,11 +341,15 @@ def run_job(
     before_ray = time.perf_counter()
     ensure_ray(address)
     report.ray_start_s = time.perf_counter() - before_ray
+    check_object_store(spec)
 
     # Pre-flight every scene in parallel: a bad file fails here, in seconds.
     tiling = spec.tiling
     info_refs = [
-        None if s.problem else _inspect.remote(s, tiling.bands, tiling.scale_range) for s in todo
+        None
+        if s.problem
+        else _inspect.remote(s, tiling.bands, tiling.scale_range, tiling.read_timeout_s)
+        for s in todo
     ]
     pending: dict[str, _PendingScene] = {}
     items: list[dict] = []
@@ -350,7 +368,7 @@ def run_job(
         tiles = plan_tiles(info.width, info.height, tiling.tile_size, tiling.overlap)
         context = SceneContext(
             scene_id=scene.scene_id,
-            scene_uri=scene.uri,
+            scene_uri=scene.public_uri,
             info=info,
             tile_size=tiling.tile_size,
             edge_tolerance=spec.merge.edge_tolerance,
@@ -376,36 +394,18 @@ def run_job(
     progress(f"  {len(pending)} scene(s) planned: {total_tiles} tiles")
 
     merges: dict[str, ray.ObjectRef] = {}
-    if items:
-        dataset = _build_dataset(spec, items)
-        tiles_seen = 0
-        last_report = time.perf_counter()
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                state = pending[row["scene_id"]]
-                state.offsets[row["tile_index"]] = (row["col_off"], row["row_off"])
-                state.found[row["tile_index"]] = _tile_detections(row)
-                state.without_data += not row["has_data"]
-                if row["error"] and state.error is None:
-                    state.error = row["error"]
-                tiles_seen += 1
-                if len(state.found) == state.expected:
-                    _launch_merge(state, merges, fail)
-            if time.perf_counter() - last_report >= progress_every_s:
-                busy = time.perf_counter() - started - report.ray_start_s
-                through = len(merges) + report.count("failed")
-                line = progress_line(through, len(todo), tiles_seen, total_tiles, busy)
-                progress(f"  {line}")
-                last_report = time.perf_counter()
-        report.tiles = tiles_seen
+    collected: set[str] = set()
 
-    for scene_id, ref in merges.items():
+    def collect(scene_id: str) -> None:
+        """A scene's merge is over: record it (done goes to the ledger as soon as its file
+        is committed, so a run killed later does not redo it)."""
+        collected.add(scene_id)
         state = pending[scene_id]
         try:
-            written: SceneWritten = ray.get(ref)
+            written: SceneWritten = ray.get(merges[scene_id])
         except Exception as error:  # noqa: BLE001 - recorded per scene
             fail(state.scene, f"merge/write failed: {error}", state.expected)
-            continue
+            return
         ledger.record(
             LedgerRecord(
                 scene_id,
@@ -422,7 +422,7 @@ def run_job(
         report.scenes.append(
             SceneOutcome(
                 scene_id,
-                state.scene.uri,
+                state.scene.public_uri,
                 "done",
                 state.expected,
                 written.rows,
@@ -436,10 +436,75 @@ def run_job(
             f"  done {scene_id}: {state.expected} tiles ({state.without_data} without data), "
             f"{written.rows} detections"
         )
-    for scene_id, state in pending.items():
-        if scene_id not in merges and state.error is None:
-            fail(state.scene, f"only {len(state.found)} of {state.expected} tiles came back")
+
+    def collect_finished() -> None:
+        waiting = {merges[s]: s for s in merges if s not in collected}
+        if waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            for ref in ready:
+                collect(waiting[ref])
+
+    stage_error: str | None = None
+    if items:
+        dataset = _build_dataset(spec, items)
+        tiles_seen = 0
+        last_report = time.perf_counter()
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    state = pending[row["scene_id"]]
+                    state.offsets[row["tile_index"]] = (row["col_off"], row["row_off"])
+                    state.found[row["tile_index"]] = _tile_detections(row)
+                    state.without_data += not row["has_data"]
+                    if row["error"] and state.error is None:
+                        state.error = row["error"]
+                    tiles_seen += 1
+                    if len(state.found) == state.expected:
+                        _launch_merge(state, merges, fail)
+                collect_finished()
+                if time.perf_counter() - last_report >= progress_every_s:
+                    busy = time.perf_counter() - started - report.ray_start_s
+                    through = len(merges) + report.count("failed")
+                    line = progress_line(through, len(todo), tiles_seen, total_tiles, busy)
+                    progress(f"  {line}")
+                    last_report = time.perf_counter()
+        except Exception as error:  # noqa: BLE001 - the scenes in flight fail, the rest stand
+            # A read or detector task failed past its retries: the scenes whose tiles had not
+            # all come back fail with this error; finished ones are kept and recorded.
+            stage_error = f"tiles lost: {_first_line(error)}"
+        report.tiles = tiles_seen
+
+    for scene_id in list(merges):
+        if scene_id not in collected:
+            collect(scene_id)
+    for state in pending.values():
+        if len(state.found) < state.expected:  # never merged, nor failed by _launch_merge
+            lost = f"only {len(state.found)} of {state.expected} tiles came back"
+            fail(state.scene, state.error or (f"{lost}: {stage_error}" if stage_error else lost))
     return _finish(report, started, output_root)
+
+
+def _first_line(error: BaseException, limit: int = 500) -> str:
+    """The message of a (Ray-wrapped) error without its traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def _redacting(progress: Callable[[str], None]) -> Callable[[str], None]:
+    """Progress lines pass through :func:`redact_text` (they name URIs and errors)."""
+    return lambda line: progress(redact_text(line))
+
+
+def check_object_store(spec: JobSpec) -> None:
+    """Fail before any read when the tiles in flight cannot fit the cluster's object store."""
+    budget = spec.detect.num_actors * spec.detect.inflight_mb_per_actor * 2**20
+    capacity = ray.cluster_resources().get("object_store_memory", 0.0)
+    if capacity and budget > capacity:
+        raise GeoRetinaError(
+            f"detect.num_actors x detect.inflight_mb_per_actor = {budget / 2**20:.0f} MB of "
+            f"tiles in flight, more than the cluster's object store ({capacity / 2**20:.0f} MB):"
+            " lower detect.inflight_mb_per_actor or tiling.tile_size"
+        )
 
 
 def _launch_merge(state: _PendingScene, merges: dict, fail: Callable) -> None:
@@ -472,8 +537,12 @@ def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
         .map_batches(
             read_chunk,
             batch_size=1,
-            fn_kwargs={"tile_size": spec.tiling.tile_size},
+            fn_kwargs={
+                "tile_size": spec.tiling.tile_size,
+                "read_timeout_s": spec.tiling.read_timeout_s,
+            },
             num_cpus=READ_TASK_CPUS,
+            max_retries=TASK_RETRIES,
         )
         .map_batches(
             DetectorActor,
@@ -483,6 +552,10 @@ def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
             num_cpus=detect.num_cpus_per_actor,
             num_gpus=detect.num_gpus_per_actor,
             runtime_env={"env_vars": actor_env},
+            # A killed actor is restarted and its unfinished batches run again (Ray Data's
+            # defaults too, but retries without limit: here a batch gets TASK_RETRIES).
+            max_restarts=-1,
+            max_task_retries=TASK_RETRIES,
         )
     )
 
@@ -502,7 +575,7 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
     with fsspec.open(
         f"{output_root.rstrip('/')}/_runs/{report.run_id}.json", "w", auto_mkdir=True
     ) as handle:
-        handle.write(json.dumps(report.as_dict(), indent=2, default=str))
+        handle.write(redact_text(json.dumps(report.as_dict(), indent=2, default=str)))
     return report
 
 

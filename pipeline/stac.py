@@ -16,6 +16,7 @@ from pystac.stac_io import DefaultStacIO
 
 from pipeline.config import StacSearch
 from pipeline.errors import GeoRetinaError
+from pipeline.redact import redact_uri
 from pipeline.scenes import Scene, scene_id_for
 
 
@@ -80,7 +81,7 @@ def item_identity(item: pystac.Item, asset: pystac.Asset, uri: str) -> str:
     fields = asset.extra_fields
     updated = asset.extra_fields.get("updated") or item.properties.get("updated") or ""
     content = fields.get("file:checksum") or fields.get("file:size") or ""
-    return f"{uri}|stac:{item.id}|{updated}|{content}"
+    return f"{redact_uri(uri)}|stac:{item.id}|{updated}|{content}"  # SAS-signed hrefs
 
 
 def catalog_items(search: StacSearch, now: datetime | None = None) -> Iterator[pystac.Item]:

@@ -219,3 +219,47 @@ def iter_tiles(
     with open_shared_raster(uri) as dataset:
         for window in windows:
             yield read_tile(dataset, window, bands, scale_range, palette)
+
+
+# Scenes whose read timed out in this process: their next chunks fail at once instead of
+# each waiting out the timeout again on the same hung server.
+_TIMED_OUT: set[str] = set()
+
+
+def read_tiles(
+    uri: str,
+    windows: list[Window],
+    bands: list[int],
+    scale_range: tuple[float, float],
+    palette: np.ndarray | None,
+    tile_size: int,
+    timeout_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``windows`` into ``(images N×H×W×3, valid N×H×W)`` within ``timeout_s``.
+
+    Raises:
+        TimeoutError: the reads took longer (``tiling.read_timeout_s``); the dataset they
+            were using is dropped from this process's open datasets, still in use by the
+            abandoned read.
+    """
+    from pipeline.deadline import call_with_deadline
+    from pipeline.rasters import forget_shared_raster
+
+    if uri in _TIMED_OUT:
+        raise TimeoutError(f"an earlier read of this scene took longer than {timeout_s:g} s")
+
+    def read_all() -> tuple[np.ndarray, np.ndarray]:
+        images = np.zeros((len(windows), tile_size, tile_size, 3), dtype=np.uint8)
+        valid = np.zeros((len(windows), tile_size, tile_size), dtype=np.uint8)
+        for position, (image, mask) in enumerate(
+            iter_tiles(uri, windows, bands, scale_range, palette)
+        ):
+            images[position], valid[position] = image, mask
+        return images, valid
+
+    try:
+        return call_with_deadline(read_all, timeout_s, f"reading {len(windows)} tile(s)")
+    except TimeoutError:
+        _TIMED_OUT.add(uri)
+        forget_shared_raster(uri)
+        raise

@@ -19,6 +19,8 @@ PURE = [
     "pipeline.quicklook",
     "pipeline.stac",
     "pipeline.report",
+    "pipeline.redact",
+    "pipeline.deadline",
 ]
 
 
