@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo demo-model test lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/georetina demo
+
+# Rebuilds models/demo_r18_c4.safetensors (shipped): synthetic scenes, then georetina train.
+demo-model: $(STAMP)
+	$(BIN)/python -m pipeline.synthetic demo-output/train
+	$(BIN)/georetina train jobs/train_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

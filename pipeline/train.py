@@ -400,6 +400,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = per_worker // spec.optim.batch_size
     total_steps = steps_per_epoch * spec.optim.epochs
     step = 0
+    epochs: list[dict[str, float]] = []
     for epoch in range(spec.optim.epochs):
         started = time.perf_counter()
         rng = np.random.default_rng([spec.seed, epoch, rank])
@@ -418,13 +419,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": history[-1]["lr"],
             "chips_per_s": len(history) * spec.optim.batch_size / (time.perf_counter() - started),
         }
+        epochs.append(metrics)
         if rank == 0:
             print("train: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
         ray.train.report(metrics)
     if rank == 0:
         unwrapped = model.module if hasattr(model, "module") else model
         digest = save_checkpoint(unwrapped, spec.output, spec.save_dtype)
+        write_training_record(spec, digest, epochs)
         print(f"train: wrote {spec.output} (sha256 {digest})", flush=True)
+
+
+def training_record_uri(checkpoint: str) -> str:
+    return checkpoint.removesuffix(".safetensors") + ".train.json"
+
+
+def write_training_record(spec: TrainSpec, digest: str, epochs: list[dict[str, float]]) -> None:
+    """Beside the checkpoint: its sha256, the settings that made it and the loss per epoch."""
+    import fsspec
+
+    record = {"sha256": digest, "spec": spec.model_dump(mode="json"), "epochs": epochs}
+    with fsspec.open(training_record_uri(spec.output), "w", auto_mkdir=True) as handle:
+        handle.write(json.dumps(record, indent=2))
 
 
 @dataclass(frozen=True)
@@ -439,7 +455,6 @@ class TrainReport:
 
 def run_training(spec: TrainSpec, address: str | None = None) -> TrainReport:
     """Train on Ray (embedded or ``address``) with ``spec.scaling`` workers."""
-    import hashlib
     import tempfile
 
     import fsspec
@@ -455,7 +470,6 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainReport:
         raise LabelError(f"training {spec.name}: the label files hold no boxes")
     started = time.perf_counter()
     ensure_ray(address, log_to_driver=True)
-    first_loss: list[float] = []
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump()},
@@ -472,16 +486,13 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainReport:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    history = result.metrics_dataframe
-    if history is not None and len(history):
-        first_loss.append(float(history["loss"].iloc[0]))
-    with fsspec.open(spec.output, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()
+    with fsspec.open(training_record_uri(spec.output), "r") as handle:
+        record = json.load(handle)
     return TrainReport(
         output=spec.output,
-        sha256=digest,
-        epochs=spec.optim.epochs,
-        final_loss=float(result.metrics["loss"]),
-        first_loss=first_loss[0] if first_loss else float("nan"),
+        sha256=record["sha256"],
+        epochs=len(record["epochs"]),
+        final_loss=record["epochs"][-1]["loss"],
+        first_loss=record["epochs"][0]["loss"],
         wall_s=time.perf_counter() - started,
     )
