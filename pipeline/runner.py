@@ -546,7 +546,8 @@ def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
         )
         .map_batches(
             DetectorActor,
-            fn_constructor_kwargs={"spec_json": spec.model_dump_json()},
+            # by_alias: list inputs are spelt {list: ...} (their field is named uris).
+            fn_constructor_kwargs={"spec_json": spec.model_dump_json(by_alias=True)},
             batch_size=detect.batch_size,
             compute=ray.data.ActorPoolStrategy(size=detect.num_actors),
             num_cpus=detect.num_cpus_per_actor,
