@@ -202,7 +202,7 @@ def _spec(output, data=None, **updates) -> TrainSpec:
         "model": TINY_MODEL,
         "data": data or [{"labels": "x.csv"}],
         "chips": {"size": 128, "per_epoch": 16},
-        "optim": {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "warmup_steps": 0},
+        "optim": {"epochs": 1, "batch_size": 4, "learning_rate": 0.02, "warmup_steps": 0},
         "output": str(output),
     }
     body.update(updates)
@@ -227,7 +227,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
 
     before = loss_on_the_chips()
     optimizer = make_optimizer(model, spec.optim)
-    for _ in range(10):  # 20 steps over the same 8 chips
+    for _ in range(20):  # 40 steps over the same 8 chips
         train_steps(model, chips, optimizer, spec, 0, 100, rng, torch.device("cpu"))
     after = loss_on_the_chips()
     assert after < 0.9 * before, (before, after)
@@ -236,14 +236,13 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
 def test_fine_tuning_rebuilds_the_head_for_new_classes(tmp_path):
     base = _spec(tmp_path / "base.safetensors")
     model, _ = build_trainable_model(base)
+    with torch.no_grad():  # weights no fresh model has
+        model.backbone.body.conv1.weight.fill_(0.125)
     save_checkpoint(model, str(tmp_path / "base.safetensors"), "fp32")
     tuned = _spec(
         tmp_path / "t.safetensors",
-        model={
-            **TINY_MODEL,
-            "classes": ["ship", "boat"],
-            "checkpoint": str(tmp_path / "base.safetensors"),
-        },
+        model={**TINY_MODEL, "classes": ["ship", "boat"]},
+        init_checkpoint=str(tmp_path / "base.safetensors"),
     )
     tuned_model, fresh = build_trainable_model(tuned)
     assert fresh == [
