@@ -186,3 +186,46 @@ def test_rewrite_replaces_never_duplicates(tmp_path):
     assert first == second
     assert pq.read_metadata(second).num_rows == rows
     assert [p.name for p in second.parent.iterdir()] == ["s1.parquet"]  # no temp leftovers
+
+
+GDAL_READ = """
+import json, sys
+import pyogrio
+info = pyogrio.read_info(sys.argv[1])
+frame = pyogrio.read_dataframe(sys.argv[1])
+print(json.dumps({
+    "driver": info["driver"], "features": int(info["features"]),
+    "geometry_type": info["geometry_type"], "crs": frame.crs.to_string(),
+    "wkt": [g.wkt for g in frame.geometry[:5]], "scores": frame.score[:5].tolist(),
+}))
+"""
+
+
+def test_gdal_reads_the_files_through_pyogrio(written, tmp_path):
+    """GDAL (pyogrio's own build, 3.12) has no Parquet driver in any wheel on PyPI; its ADBC
+    driver reads Parquet through DuckDB's engine, which the duckdb wheel carries. GDAL finds
+    it as ``libduckdb.so``, so the test points the loader at it, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    import _duckdb  # the compiled engine inside the duckdb wheel; it exports duckdb_adbc_init
+
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    (libs / "libduckdb.so").symlink_to(_duckdb.__file__)
+    done = subprocess.run(
+        [sys.executable, "-c", GDAL_READ, str(written)],
+        env={**os.environ, "LD_LIBRARY_PATH": str(libs)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    frame = geopandas.read_parquet(written)
+    assert seen["driver"] == "ADBC"
+    assert seen["features"] == len(frame)
+    assert seen["geometry_type"] == "Polygon"
+    assert CRS.from_user_input(seen["crs"]) == CRS.from_user_input("OGC:CRS84")
+    assert seen["wkt"] == [g.wkt for g in frame.geometry[:5]]
+    assert seen["scores"] == pytest.approx(frame.score[:5].tolist())
