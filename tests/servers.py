@@ -24,6 +24,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client hanging up mid-answer (GDAL cancelling a read) is not news
+
 
 class RangeServer:
     """Files by path, with ``Range`` support; ``hang(path, first, last)`` stalls requests.
