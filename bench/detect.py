@@ -9,7 +9,8 @@ actor start-up is not counted (bench/end_to_end.py counts it). -> actor_over_mod
 Forward vs postprocess (CPU, and GPU when visible): torchvision's RetinaNet decodes and NMSes
 per image and per pyramid level in Python; timed separately from the network's forward (backbone
 + heads), with score_threshold 0 so every level's top 1000 candidates reach NMS (the worst case).
--> <device>_postprocess_fraction
+-> <device>_postprocess_fraction, and our batched postprocessing (pipeline/postprocess.py)
+over torchvision's on the same head outputs -> <device>_postprocess_speedup
 
 GPU (when CUDA is visible): tiles/s of RetinaNet ResNet-50 FPN at 800 x 800 px, fp32 and bf16
 autocast, batch sizes 1..32, through our detector (uint8 in, pinned, non-blocking copies).
@@ -87,12 +88,14 @@ def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) ->
 
 def forward_postprocess_split(
     settings: ModelSettings, tiles: np.ndarray, batch: int, device: str
-) -> tuple[float, float]:
-    """Seconds per tile in the network (transform, backbone, heads) and in postprocessing
-    (anchors, decode, per-level top-k, NMS, rescale), as torchvision's forward runs them."""
+) -> tuple[float, float, float]:
+    """Seconds per tile in the network (transform, backbone, heads), in torchvision's
+    postprocessing (anchors, per-image per-level decode, top-k, NMS) and in ours (batched)."""
+    from pipeline.postprocess import batched_postprocess
+
     model = build_model(settings.model_copy(update={"score_threshold": 0.0}), TILE).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    forward_s = post_s = 0.0
+    forward_s = torchvision_s = batched_s = 0.0
     with torch.inference_mode():
         for start in range(0, len(tiles), batch):
             x = torch.from_numpy(tiles[start : start + batch]).to(device)
@@ -101,26 +104,42 @@ def forward_postprocess_split(
             t0 = time.perf_counter()
             image_list, _ = model.transform(images)
             features = list(model.backbone(image_list.tensors).values())
-            head_outputs = model.head(features)
+            head = model.head(features)
             sync()
             t1 = time.perf_counter()
             anchors = model.anchor_generator(image_list, features)
-            per_level = [f.size(2) * f.size(3) for f in features]
-            per_anchor = [
-                per_level[i] * (head_outputs["cls_logits"].size(1) // sum(per_level))
-                for i in range(len(per_level))
-            ]
-            split_heads = {k: list(v.split(per_anchor, dim=1)) for k, v in head_outputs.items()}
-            split_anchors = [list(a.split(per_anchor)) for a in anchors]
-            found = model.postprocess_detections(split_heads, split_anchors, image_list.image_sizes)
-            model.transform.postprocess(found, image_list.image_sizes, image_list.image_sizes)
+            sizes = [f.size(2) * f.size(3) for f in features]
+            per_level = [n * (head["cls_logits"].size(1) // sum(sizes)) for n in sizes]
+            split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+            split_anchors = [list(a.split(per_level)) for a in anchors]
+            model.postprocess_detections(split_head, split_anchors, image_list.image_sizes)
             sync()
             t2 = time.perf_counter()
+            anchors = model.anchor_generator(image_list, features)[0]
+            batched_postprocess(
+                model,
+                head["cls_logits"],
+                head["bbox_regression"],
+                anchors,
+                per_level,
+                image_list.image_sizes[0],
+            )
+            sync()
+            t3 = time.perf_counter()
             if start > 0:  # the first batch warms up
                 forward_s += t1 - t0
-                post_s += t2 - t1
+                torchvision_s += t2 - t1
+                batched_s += t3 - t2
     counted = len(tiles) - batch
-    return forward_s / counted, post_s / counted
+    return forward_s / counted, torchvision_s / counted, batched_s / counted
+
+
+def _print_split(prefix: str, forward: float, torchvision: float, batched: float) -> None:
+    print(f"{prefix}_forward_ms_per_tile: {forward * 1e3:.2f}")
+    print(f"{prefix}_postprocess_ms_per_tile: {torchvision * 1e3:.2f}")
+    print(f"{prefix}_postprocess_batched_ms_per_tile: {batched * 1e3:.2f}")
+    print(f"{prefix}_postprocess_fraction: {torchvision / (forward + torchvision):.3f}")
+    print(f"{prefix}_postprocess_speedup: {torchvision / batched:.2f}")
 
 
 def gpu_sweep() -> None:
@@ -151,10 +170,7 @@ def main() -> None:
         gpu_sweep()
         r50 = ModelSettings(backbone="resnet50_fpn", classes=["object"])
         gpu_tiles = np.random.default_rng(0).integers(0, 255, (64, TILE, TILE, 3), np.uint8)
-        forward, post = forward_postprocess_split(r50, gpu_tiles, 16, "cuda")
-        print(f"cuda_r50_forward_ms_per_tile: {forward * 1e3:.2f}")
-        print(f"cuda_r50_postprocess_ms_per_tile: {post * 1e3:.2f}")
-        print(f"cuda_postprocess_fraction: {post / (forward + post):.3f}")
+        _print_split("cuda_r50", *forward_postprocess_split(r50, gpu_tiles, 16, "cuda"))
     import ray
 
     threads = os.cpu_count() or 1
@@ -169,10 +185,7 @@ def main() -> None:
         model_rates.append(bare_model_tiles_per_s(settings, tiles, args.batch))
         actor_rates.append(actor_tiles_per_s(settings, tiles, args.batch))
     ray.shutdown()
-    forward, post = forward_postprocess_split(settings, tiles, args.batch, "cpu")
-    print(f"cpu_forward_ms_per_tile: {forward * 1e3:.1f}")
-    print(f"cpu_postprocess_ms_per_tile: {post * 1e3:.1f}")
-    print(f"cpu_postprocess_fraction: {post / (forward + post):.3f}")
+    _print_split("cpu", *forward_postprocess_split(settings, tiles, args.batch, "cpu"))
     print(f"model_only_tiles_per_s: {max(model_rates):.3f}")
     print(f"actor_tiles_per_s: {max(actor_rates):.3f}")
     print(f"actor_over_model: {max(actor_rates) / max(model_rates):.3f}")

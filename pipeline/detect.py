@@ -81,6 +81,8 @@ class RetinaNetDetector:
     def __call__(self, images: np.ndarray) -> list[TileDetections]:
         import torch
 
+        from pipeline.postprocess import retinanet_detect
+
         if len(images) == 0:
             return []
         if not images.flags.writeable:  # Ray hands out read-only views of its object store
@@ -96,7 +98,8 @@ class RetinaNetDetector:
                 x = x.contiguous(memory_format=torch.channels_last)
             mixed = on_gpu and self.autocast_dtype is not None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=mixed):
-                outputs = self.model(list(x))
+                # torchvision's network, then its postprocessing batched (pipeline/postprocess.py)
+                outputs = retinanet_detect(self.model, x)
         return [
             TileDetections(
                 out["boxes"].float().cpu().numpy(),

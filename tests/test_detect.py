@@ -201,3 +201,37 @@ def test_a_mismatched_checkpoint_fails_the_job_before_any_tile_is_read(tmp_path,
     with pytest.raises(CheckpointError, match="shapes differ.*cls_logits"):
         run_job(spec, progress=lambda line: None)
     assert not (tmp_path / "out" / "detections").exists()
+
+
+def _canonical(found: dict[str, torch.Tensor]) -> list[tuple]:
+    """Rows sorted by score, then label and box: tied scores may come in either order."""
+    rows = zip(
+        found["scores"].tolist(),
+        found["labels"].tolist(),
+        [tuple(round(v, 3) for v in box) for box in found["boxes"].tolist()],
+        strict=True,
+    )
+    return sorted(rows, key=lambda row: (-row[0], row[1], row[2]))
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"score_threshold": 0.0, "classes": ["a", "b", "c"], "detections_per_tile": 1000},
+        {"score_threshold": 0.0105, "topk_candidates": 40, "detections_per_tile": 1000},
+        {"score_threshold": 0.0, "nms_threshold": 0.3, "detections_per_tile": 25},
+    ],
+)
+def test_batched_postprocess_returns_torchvisions_boxes(knobs):
+    from pipeline.postprocess import retinanet_detect
+
+    torch.manual_seed(1)
+    model = build_model(settings(**knobs), TILE)
+    x = torch.rand(4, 3, TILE, TILE)
+    with torch.inference_mode():
+        expected = model(list(x))
+        ours = retinanet_detect(model, x)
+    assert len(ours) == len(expected) == 4
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert len(theirs["boxes"]) > 0
+        assert _canonical(mine) == _canonical(theirs)
