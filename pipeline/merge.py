@@ -277,6 +277,92 @@ def merge_detections(
     return kept, _union_with_suppressed(boxes, rank, keep, a, b)[kept]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Boxes in scene pixels with their scores, class ids and 'cut by a tile edge' flags."""
+
+    boxes: np.ndarray  # (n, 4) float64
+    scores: np.ndarray  # (n,) float32
+    class_ids: np.ndarray  # (n,) int16
+    is_cut: np.ndarray  # (n,) bool
+
+    @staticmethod
+    def empty() -> Candidates:
+        return Candidates(
+            np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int16), np.zeros(0, bool)
+        )
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def select(self, index: np.ndarray) -> Candidates:
+        return Candidates(
+            self.boxes[index], self.scores[index], self.class_ids[index], self.is_cut[index]
+        )
+
+    @staticmethod
+    def concat(parts: list[Candidates]) -> Candidates:
+        parts = [part for part in parts if len(part)] or [Candidates.empty()]
+        return Candidates(
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.class_ids for p in parts]),
+            np.concatenate([p.is_cut for p in parts]),
+        )
+
+
+def touching_groups(boxes: np.ndarray) -> np.ndarray:
+    """Group id per box: connected components of 'intersects with positive area'.
+
+    The edge rule and greedy NMS only ever compare intersecting boxes, so merging each group
+    on its own gives the same result as merging all boxes at once.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b, _ = overlapping_pairs(boxes)
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(boxes), len(boxes)))
+    return connected_components(graph, directed=False)[1]
+
+
+class BandMerger:
+    """Merges a scene band by band (tile rows, top to bottom), holding only open groups.
+
+    A group of touching boxes is sealed once no box of a later band can reach it: all its
+    boxes end above the next band's top edge. Sealed groups are merged and handed back;
+    the rest wait for the next band. Memory follows the boxes of about one band of tiles,
+    whatever the scene's size, and the result equals :func:`merge_detections` over all
+    boxes at once (tested).
+    """
+
+    def __init__(self, options: MergeOptions | None = None) -> None:
+        self.options = options or MergeOptions()
+        self.pending = Candidates.empty()
+
+    def add(self, band: Candidates, next_top: float | None) -> Candidates:
+        """Add one band; ``next_top`` is the next band's top row (None after the last).
+
+        Returns the boxes now final: the kept candidates, with their output boxes.
+        """
+        candidates = Candidates.concat([self.pending, band])
+        if len(candidates) == 0:
+            return Candidates.empty()
+        if next_top is None:
+            sealed = np.ones(len(candidates), dtype=bool)
+        else:
+            groups = touching_groups(candidates.boxes)
+            lowest = np.zeros(groups.max() + 1)
+            np.maximum.at(lowest, groups, candidates.boxes[:, 3])
+            sealed = lowest[groups] <= next_top
+        self.pending = candidates.select(~sealed)
+        final = candidates.select(sealed)
+        kept, out_boxes = merge_detections(
+            final.boxes, final.scores, final.class_ids, final.is_cut, self.options
+        )
+        merged = final.select(kept)
+        return Candidates(out_boxes, merged.scores, merged.class_ids, merged.is_cut)
+
+
 def _union_with_suppressed(
     boxes: np.ndarray, rank: np.ndarray, keep: np.ndarray, a: np.ndarray, b: np.ndarray
 ) -> np.ndarray:
