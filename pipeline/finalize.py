@@ -10,12 +10,13 @@ import numpy as np
 from pyproj import CRS, Transformer
 
 from pipeline.detect import TileDetections
-from pipeline.geoparquet import SceneRows, detections_table, write_parquet_atomic
+from pipeline.geoparquet import SceneFileWriter, SceneRows, detections_table
 from pipeline.merge import (
+    BandMerger,
+    Candidates,
     MergeOptions,
     box_rings,
     detection_ids,
-    merge_detections,
     touches_inner_edge,
 )
 from pipeline.rasters import RasterInfo
@@ -100,31 +101,75 @@ def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> 
     return rings
 
 
+class SceneStream:
+    """Merges and writes one scene band by band (tile rows, top to bottom).
+
+    Only boxes that a later band can still reach are held (:class:`BandMerger`), plus one
+    row group of output (:class:`SceneFileWriter`): memory does not grow with the scene.
+    The file appears at :meth:`close`, whole, or not at all after :meth:`abort`.
+    """
+
+    def __init__(self, context: SceneContext) -> None:
+        self.context = context
+        self.merger = BandMerger(context.merge)
+        self.crs_json = CRS.from_user_input(context.output_crs).to_json_dict()
+        self.writer = SceneFileWriter(context.output_uri, self.crs_json, context.row_group_size)
+        self.per_class: Counter[str] = Counter()
+
+    def add_band(
+        self,
+        offsets: list[tuple[int, int]],
+        found: list[TileDetections],
+        next_top: int | None,
+    ) -> None:
+        """One band's tiles; ``next_top``: the next band's first row (None: this was the last)."""
+        band = Candidates(*gather_candidates(self.context, offsets, found))
+        final = self.merger.add(band, next_top)
+        if len(final):
+            self.writer.write(detections_table(self._rows(final), self.crs_json))
+
+    def close(self) -> SceneWritten:
+        self.add_band([], [], None)  # what was still open is final now
+        return SceneWritten(self.writer.close(), dict(self.per_class))
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def _rows(self, final: Candidates) -> SceneRows:
+        context = self.context
+        names = [context.class_names[int(c)] for c in final.class_ids]
+        self.per_class.update(names)
+        return SceneRows(
+            scene_id=context.scene_id,
+            scene_uri=context.scene_uri,
+            scene_crs=context.info.crs_name,
+            acquired_at=context.acquired_at or context.info.acquired_at,
+            model_id=context.model_id,
+            run_id=context.run_id,
+            detection_ids=detection_ids(
+                context.scene_id,
+                context.model_id,
+                context.settings_hash,
+                final.boxes,
+                final.class_ids,
+            ),
+            class_ids=final.class_ids,
+            class_names=names,
+            scores=final.scores,
+            pixel_boxes=final.boxes,
+            rings=rings_in_crs(final.boxes, context.info, context.output_crs),
+            stac_item_id=context.stac_item_id,
+        )
+
+
 def finalize_scene(
     context: SceneContext, offsets: list[tuple[int, int]], found: list[TileDetections]
 ) -> SceneWritten:
-    """Merge a scene's tile detections and write its GeoParquet file."""
-    boxes, scores, class_ids, is_cut = gather_candidates(context, offsets, found)
-    keep, boxes = merge_detections(boxes, scores, class_ids, is_cut, context.merge)
-    scores, class_ids = scores[keep], class_ids[keep]
-    rows = SceneRows(
-        scene_id=context.scene_id,
-        scene_uri=context.scene_uri,
-        scene_crs=context.info.crs_name,
-        acquired_at=context.acquired_at or context.info.acquired_at,
-        model_id=context.model_id,
-        run_id=context.run_id,
-        detection_ids=detection_ids(
-            context.scene_id, context.model_id, context.settings_hash, boxes, class_ids
-        ),
-        class_ids=class_ids,
-        class_names=[context.class_names[int(c)] for c in class_ids],
-        scores=scores,
-        pixel_boxes=boxes,
-        rings=rings_in_crs(boxes, context.info, context.output_crs),
-        stac_item_id=context.stac_item_id,
-    )
-    crs_json = CRS.from_user_input(context.output_crs).to_json_dict()
-    table = detections_table(rows, crs_json)
-    write_parquet_atomic(table, context.output_uri, context.row_group_size)
-    return SceneWritten(table.num_rows, dict(Counter(rows.class_names)))
+    """Merge all of a scene's tile detections at once and write its GeoParquet file."""
+    stream = SceneStream(context)
+    try:
+        stream.add_band(offsets, found, None)
+        return stream.close()
+    except BaseException:
+        stream.abort()
+        raise

@@ -215,3 +215,93 @@ def write_parquet_atomic(table: pa.Table, uri: str, row_group_size: int) -> None
 
     with fsspec.open(uri, "wb") as handle:
         pq.write_table(table, handle, **options)
+
+
+class SceneFileWriter:
+    """One scene's GeoParquet file, written a row group at a time; it appears whole at
+    :meth:`close`, never in part (same rule as :func:`write_parquet_atomic`).
+
+    Chunks (tables from :func:`detections_table`) are buffered up to ``row_group_size`` rows,
+    put in Hilbert order and written as a row group, so memory holds one row group, not the
+    scene. The ``geo`` metadata (extent, geometry types) covers every chunk; it is added to
+    the footer at the end.
+    """
+
+    def __init__(self, uri: str, crs_projjson: dict, row_group_size: int) -> None:
+        self.uri, self.crs_projjson, self.row_group_size = uri, crs_projjson, row_group_size
+        self.rows = 0
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._extent: list[float] = []
+        self._types: set[str] = set()
+        self._temporary: str | None = None
+        self._handle = None
+        if "://" not in uri or uri.startswith("file://"):
+            path = uri.removeprefix("file://")
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+            sink = self._temporary
+        else:  # an object appears only when its (multipart) upload completes
+            import fsspec
+
+            self._handle = fsspec.open(uri, "wb").open()
+            sink = self._handle
+        # store_schema=False: readers then take the schema's metadata from the footer's
+        # key-value pairs, where close() puts `geo`; an embedded Arrow schema (written at
+        # the start, before the extent is known) would hide it. SCHEMA round-trips as is.
+        self._writer = pq.ParquetWriter(
+            sink, SCHEMA, compression="zstd", write_statistics=True, store_schema=False
+        )
+
+    def write(self, chunk: pa.Table) -> None:
+        if chunk.num_rows == 0:
+            return
+        geo = json.loads(chunk.schema.metadata[b"geo"])["columns"]["geometry"]
+        self._types.update(geo["geometry_types"])
+        box = geo["bbox"]
+        self._extent = (
+            box
+            if not self._extent
+            else [
+                min(self._extent[0], box[0]),
+                min(self._extent[1], box[1]),
+                max(self._extent[2], box[2]),
+                max(self._extent[3], box[3]),
+            ]
+        )
+        self._buffer.append(chunk.replace_schema_metadata(None))
+        self._buffered += chunk.num_rows
+        while self._buffered >= self.row_group_size:
+            self._flush(self.row_group_size)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._buffer)
+        group, rest = table.slice(0, rows), table.slice(rows)
+        bbox = group.column("bbox").combine_chunks()
+        order = hilbert_order(*(bbox.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")))
+        self._writer.write_table(group.take(order), row_group_size=rows)
+        self.rows += group.num_rows
+        self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> int:
+        """Write what is buffered and the metadata; make the file appear. Returns its rows."""
+        if self._buffered:
+            self._flush(self._buffered)
+        meta = geo_metadata(self.crs_projjson, self._extent, sorted(self._types))
+        self._writer.add_key_value_metadata({"geo": json.dumps(meta)})
+        self._writer.close()
+        if self._temporary is not None:
+            os.replace(self._temporary, self.uri.removeprefix("file://"))
+        else:
+            self._handle.close()
+        return self.rows
+
+    def abort(self) -> None:
+        """Give up: nothing appears (a file from an earlier run stays as it was)."""
+        try:
+            self._writer.close()
+        finally:
+            if self._temporary is not None and os.path.exists(self._temporary):
+                os.remove(self._temporary)
+            elif self._handle is not None and hasattr(self._handle, "discard"):
+                self._handle.discard()  # s3fs: aborts the multipart upload

@@ -229,3 +229,76 @@ def test_gdal_reads_the_files_through_pyogrio(written, tmp_path):
     assert CRS.from_user_input(seen["crs"]) == CRS.from_user_input("OGC:CRS84")
     assert seen["wkt"] == [g.wkt for g in frame.geometry[:5]]
     assert seen["scores"] == pytest.approx(frame.score[:5].tolist())
+
+
+def _tiles_of_a_scene(rng: np.random.Generator, tile: int = 256, step: int = 200, side: int = 4):
+    """A grid of overlapping tiles with boxes, some seen by two tiles (as overlap makes)."""
+    offsets, found = [], []
+    objects = rng.uniform(0, step * (side - 1) + tile - 30, size=(400, 2))
+    for row in range(side):
+        for col in range(side):
+            col_off, row_off = col * step, row * step
+            inside = (
+                (objects[:, 0] >= col_off)
+                & (objects[:, 0] + 25 <= col_off + tile)
+                & (objects[:, 1] >= row_off)
+                & (objects[:, 1] + 25 <= row_off + tile)
+            )
+            xy = objects[inside] - [col_off, row_off] + rng.normal(0, 0.5, (inside.sum(), 2))
+            xy = np.clip(xy, 0, tile - 25)
+            boxes = np.concatenate([xy, xy + 25], axis=1).astype(np.float32)
+            scores = rng.uniform(0.1, 1, len(boxes)).astype(np.float32)
+            offsets.append((col_off, row_off))
+            found.append(TileDetections(boxes, scores, np.zeros(len(boxes), np.int16)))
+    return offsets, found
+
+
+def test_a_scene_streamed_band_by_band_equals_one_written_at_once(tmp_path):
+    from pipeline.finalize import SceneStream
+
+    offsets, found = _tiles_of_a_scene(np.random.default_rng(5))
+    base = dict(
+        scene_id="s1", scene_uri="/data/s1.tif", info=INFO, tile_size=256, edge_tolerance=2.0,
+        merge=MergeOptions(), class_names=("ship",), model_id="m:1", settings_hash="abc",
+        run_id="r1", output_crs="EPSG:32633", row_group_size=50,
+    )  # fmt: skip
+    whole = SceneContext(**base, output_uri=str(tmp_path / "whole.parquet"))
+    written_whole = finalize_scene(whole, offsets, found)
+
+    banded = SceneContext(**base, output_uri=str(tmp_path / "banded.parquet"))
+    stream = SceneStream(banded)
+    tops = sorted({row_off for _, row_off in offsets})
+    for i, top in enumerate(tops):
+        band = [k for k, (_, row_off) in enumerate(offsets) if row_off == top]
+        next_top = tops[i + 1] if i + 1 < len(tops) else None
+        stream.add_band([offsets[k] for k in band], [found[k] for k in band], next_top)
+        # Boxes of bands already final were written; those of the last band still wait.
+        assert len(stream.merger.pending) < sum(len(f.boxes) for f in found) / 2
+    written_banded = stream.close()
+
+    assert written_banded == written_whole and written_whole.rows > 100
+    a = geopandas.read_parquet(whole.output_uri).sort_values("detection_id")
+    b = geopandas.read_parquet(banded.output_uri).sort_values("detection_id")
+    assert a.detection_id.tolist() == b.detection_id.tolist()
+    assert a.geometry.reset_index(drop=True).equals(b.geometry.reset_index(drop=True))
+    meta = pq.read_metadata(banded.output_uri)
+    assert meta.num_row_groups == -(-written_banded.rows // 50)  # full row groups of 50
+    geo_validator().validate(json.loads(pq.read_schema(banded.output_uri).metadata[b"geo"]))
+
+
+def test_an_aborted_stream_leaves_the_previous_file_untouched(tmp_path):
+    from pipeline.finalize import SceneStream
+
+    path = write_scene(tmp_path)
+    before = path.read_bytes()
+    offsets, found = _tiles_of_a_scene(np.random.default_rng(6))
+    context = SceneContext(
+        scene_id="s1", scene_uri="/data/s1.tif", info=INFO, tile_size=256, edge_tolerance=2.0,
+        merge=MergeOptions(), class_names=("ship",), model_id="m:1", settings_hash="abc",
+        run_id="r2", output_crs="OGC:CRS84", output_uri=str(path), row_group_size=10,
+    )  # fmt: skip
+    stream = SceneStream(context)
+    stream.add_band(offsets[:4], found[:4], 200)  # some row groups are written...
+    stream.abort()  # ...then the scene fails
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s1.parquet"]  # no temp left
