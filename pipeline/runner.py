@@ -12,7 +12,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from rasterio.windows import Window
 from pipeline.config import JobSpec
 from pipeline.detect import TileDetections, detect_tiles, make_detector
 from pipeline.errors import GeoRetinaError, SceneError
-from pipeline.finalize import SceneContext, SceneWritten, finalize_scene, scene_output_uri
+from pipeline.finalize import SceneContext, SceneStream, SceneWritten, scene_output_uri
 from pipeline.ledger import Ledger, LedgerRecord, now
 from pipeline.merge import MergeOptions
 from pipeline.rasters import RasterInfo, inspect_raster_within
@@ -162,13 +163,6 @@ def detections_to_arrow(
     )
 
 
-@ray.remote(num_cpus=0.5, max_retries=2)
-def _finalize(
-    context: SceneContext, offsets: list[tuple[int, int]], found: list[TileDetections]
-) -> SceneWritten:
-    return finalize_scene(context, offsets, found)
-
-
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -219,14 +213,42 @@ class RunReport:
 
 @dataclass
 class _PendingScene:
+    """A scene in flight: its tiles arrive in any order and are merged and written band by
+    band (tile rows, top to bottom) as soon as a band is complete and all above it are done,
+    so the driver holds about one band of a scene's boxes, not the scene."""
+
     scene: Scene
     context: SceneContext
     expected: int
-    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)
-    found: dict[int, TileDetections] = field(default_factory=dict)
+    band_tops: list[int]  # each band's first row, top to bottom
+    band_sizes: dict[int, int]  # tiles per band
+    bands: dict[int, dict[int, tuple[tuple[int, int], TileDetections]]] = field(
+        default_factory=dict
+    )
+    next_band: int = 0
+    received: int = 0
+    stream: SceneStream | None = None
     error: str | None = None
+    closed: bool = False  # written, or failed
     without_data: int = 0
     area_km2: float = 0.0
+
+    def add(self, tile_index: int, offset: tuple[int, int], found: TileDetections) -> None:
+        self.bands.setdefault(offset[1], {})[tile_index] = (offset, found)
+        self.received += 1
+
+    def ready_bands(self) -> Iterator[tuple[list, list, int | None]]:
+        """Complete bands next in order: ``(offsets, detections, next band's top)``."""
+        while self.next_band < len(self.band_tops):
+            top = self.band_tops[self.next_band]
+            tiles = self.bands.get(top, {})
+            if len(tiles) < self.band_sizes[top]:
+                return
+            del self.bands[top]
+            self.next_band += 1
+            below = self.band_tops[self.next_band] if self.next_band < len(self.band_tops) else None
+            ordered = [tiles[i] for i in sorted(tiles)]
+            yield [o for o, _ in ordered], [f for _, f in ordered], below
 
 
 def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
@@ -383,32 +405,25 @@ def run_job(
             acquired_at=scene.acquired_at,
             stac_item_id=scene.stac_item_id,
         )
+        band_sizes = Counter(tile.row_off for tile in tiles)
         pending[scene.scene_id] = _PendingScene(
             scene,
             context,
             len(tiles),
+            band_tops=sorted(band_sizes),
+            band_sizes=dict(band_sizes),
             area_km2=footprint_km2(info.width, info.height, info.transform, info.crs_wkt),
         )
         items.extend(_read_items(scene, info, tiles, tiling.tiles_per_read_task))
     total_tiles = sum(p.expected for p in pending.values())
     progress(f"  {len(pending)} scene(s) planned: {total_tiles} tiles")
 
-    merges: dict[str, ray.ObjectRef] = {}
-    collected: set[str] = set()
-
-    def collect(scene_id: str) -> None:
-        """A scene's merge is over: record it (done goes to the ledger as soon as its file
-        is committed, so a run killed later does not redo it)."""
-        collected.add(scene_id)
-        state = pending[scene_id]
-        try:
-            written: SceneWritten = ray.get(merges[scene_id])
-        except Exception as error:  # noqa: BLE001 - recorded per scene
-            fail(state.scene, f"merge/write failed: {error}", state.expected)
-            return
+    def record_done(state: _PendingScene, written: SceneWritten) -> None:
+        """Done goes to the ledger as soon as the scene's file is committed, so a run
+        killed later does not redo it."""
         ledger.record(
             LedgerRecord(
-                scene_id,
+                state.scene.scene_id,
                 state.scene.identity,
                 model_id,
                 settings_hash,
@@ -421,7 +436,7 @@ def run_job(
         )
         report.scenes.append(
             SceneOutcome(
-                scene_id,
+                state.scene.scene_id,
                 state.scene.public_uri,
                 "done",
                 state.expected,
@@ -433,16 +448,32 @@ def run_job(
             )
         )
         progress(
-            f"  done {scene_id}: {state.expected} tiles ({state.without_data} without data), "
-            f"{written.rows} detections"
+            f"  done {state.scene.scene_id}: {state.expected} tiles "
+            f"({state.without_data} without data), {written.rows} detections"
         )
 
-    def collect_finished() -> None:
-        waiting = {merges[s]: s for s in merges if s not in collected}
-        if waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-            for ref in ready:
-                collect(waiting[ref])
+    def give_up(state: _PendingScene, error: str) -> None:
+        state.closed = True
+        if state.stream is not None:
+            state.stream.abort()  # nothing of this attempt appears; an older file stays
+        fail(state.scene, error, state.expected)
+
+    def advance(state: _PendingScene) -> None:
+        """Merge and write every band that is complete; close the scene after its last."""
+        if state.error is not None:
+            give_up(state, state.error)
+            return
+        try:
+            for offsets, found, next_top in state.ready_bands():
+                state.stream = state.stream or SceneStream(state.context)
+                state.stream.add_band(offsets, found, next_top)
+            if state.next_band == len(state.band_tops):
+                state.stream = state.stream or SceneStream(state.context)
+                written = state.stream.close()
+                state.closed = True
+                record_done(state, written)
+        except Exception as error:  # noqa: BLE001 - recorded per scene
+            give_up(state, f"merge/write failed: {_first_line(error)}")
 
     stage_error: str | None = None
     if items:
@@ -453,18 +484,21 @@ def run_job(
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in batch.to_pylist():
                     state = pending[row["scene_id"]]
-                    state.offsets[row["tile_index"]] = (row["col_off"], row["row_off"])
-                    state.found[row["tile_index"]] = _tile_detections(row)
+                    tiles_seen += 1
+                    if state.closed:
+                        continue
+                    state.add(
+                        row["tile_index"],
+                        (row["col_off"], row["row_off"]),
+                        _tile_detections(row),
+                    )
                     state.without_data += not row["has_data"]
                     if row["error"] and state.error is None:
                         state.error = row["error"]
-                    tiles_seen += 1
-                    if len(state.found) == state.expected:
-                        _launch_merge(state, merges, fail)
-                collect_finished()
+                    advance(state)
                 if time.perf_counter() - last_report >= progress_every_s:
                     busy = time.perf_counter() - started - report.ray_start_s
-                    through = len(merges) + report.count("failed")
+                    through = report.count("done") + report.count("failed")
                     line = progress_line(through, len(todo), tiles_seen, total_tiles, busy)
                     progress(f"  {line}")
                     last_report = time.perf_counter()
@@ -474,13 +508,10 @@ def run_job(
             stage_error = f"tiles lost: {_first_line(error)}"
         report.tiles = tiles_seen
 
-    for scene_id in list(merges):
-        if scene_id not in collected:
-            collect(scene_id)
     for state in pending.values():
-        if len(state.found) < state.expected:  # never merged, nor failed by _launch_merge
-            lost = f"only {len(state.found)} of {state.expected} tiles came back"
-            fail(state.scene, state.error or (f"{lost}: {stage_error}" if stage_error else lost))
+        if not state.closed:  # some of its tiles never came back
+            lost = f"only {state.received} of {state.expected} tiles came back"
+            give_up(state, state.error or (f"{lost}: {stage_error}" if stage_error else lost))
     return _finish(report, started, output_root)
 
 
@@ -505,16 +536,6 @@ def check_object_store(spec: JobSpec) -> None:
             f"tiles in flight, more than the cluster's object store ({capacity / 2**20:.0f} MB):"
             " lower detect.inflight_mb_per_actor or tiling.tile_size"
         )
-
-
-def _launch_merge(state: _PendingScene, merges: dict, fail: Callable) -> None:
-    if state.error is not None:
-        fail(state.scene, state.error, state.expected)
-        return
-    order = sorted(state.found)
-    merges[state.scene.scene_id] = _finalize.remote(
-        state.context, [state.offsets[i] for i in order], [state.found[i] for i in order]
-    )
 
 
 def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
