@@ -287,3 +287,56 @@ def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
     assert call_with_deadline(lambda: 7, 5, "quick") == 7
     with pytest.raises(ZeroDivisionError):
         call_with_deadline(lambda: 1 / 0, 5, "failing")
+
+
+def test_a_batch_that_kills_every_actor_fails_its_scenes_and_the_run_still_ends(
+    ray_session, archive, clean, tmp_path
+):
+    """After the first scene is done, every detector actor is killed once it has loaded its
+    model (as if a batch killed it): the batches in flight exhaust their retries
+    (TASK_RETRIES), the run ends instead of retrying forever, the scenes whose tiles never
+    came back fail with the reason, and the scenes done before keep their rows and records."""
+    import threading
+
+    folder, _ = archive
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def keep_killing() -> None:
+        while not stop.is_set():
+            if len(killed) >= 40:
+                return  # a bound of our own: the test fails rather than hangs
+            for pid in detector_actors():
+                if "__init__" in command_line(pid):
+                    continue  # it dies on every batch, not while loading its model
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+
+    def start_killing_after_first_done(line: str) -> None:
+        if line.strip().startswith("done ") and not killer.is_alive():
+            killer.start()
+
+    spec = parse_job(
+        threshold_job(sorted(folder.glob("*.tif")), tmp_path / "out", detect={"batch_size": 1})
+    )
+    try:
+        report = run_job(spec, progress=start_killing_after_first_done, progress_every_s=0)
+    finally:
+        stop.set()
+    assert killed, "the killer never ran: the first scene was not done before the last"
+    done = [s for s in report.scenes if s.status == "done"]
+    failed = [s for s in report.scenes if s.status == "failed"]
+    assert done and failed and len(done) + len(failed) == SCENES
+    for scene in failed:
+        assert "tiles came back: tiles lost: " in scene.error, scene.error
+    rows = output_rows(str(tmp_path / "out"))
+    assert rows == {s.scene_id: clean[s.scene_id] for s in done}
+    latest = {r.scene_id: r.status for r in Ledger(str(tmp_path / "out")).records()}
+    assert latest == {s.scene_id: s.status for s in report.scenes}
+    assert (tmp_path / "out" / "_runs" / f"{report.run_id}.json").exists()
