@@ -109,6 +109,8 @@ def ray_session(s3_endpoint):
     """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh embedded Ray, never a cluster that happens to run on
+    # this machine (a test's own `ray start --head`, or a developer's).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
