@@ -50,9 +50,8 @@ ALLOCATOR_ENV = {
 # per core beats one multi-threaded actor: no OpenMP barrier stalls when a read task runs).
 READ_TASK_CPUS = 0.5
 
-# A worker or actor that dies (OOM, preemption, a kill) has its task re-run this many times;
-# a tile batch that kills every process it touches then fails its scenes instead of looping.
-# Detector actors themselves are restarted without limit (max_restarts=-1).
+# A read task whose worker dies (OOM, preemption, a kill) runs again this many times; one
+# that kills every worker it reaches then fails its scenes instead of looping.
 TASK_RETRIES = 3
 
 
@@ -574,10 +573,12 @@ def _build_dataset(spec: JobSpec, items: list[dict]) -> ray.data.Dataset:
             num_cpus=detect.num_cpus_per_actor,
             num_gpus=detect.num_gpus_per_actor,
             runtime_env={"env_vars": actor_env},
-            # A killed actor is restarted and its unfinished batches run again (Ray Data's
-            # defaults too, but retries without limit: here a batch gets TASK_RETRIES).
+            # A killed actor is restarted and its unfinished batches run again, without a
+            # limit (Ray Data's defaults, made explicit). Not bounded: while a lost node is
+            # not yet known dead, every retry fails at once ("actor unavailable"), so a
+            # bound (3 was tried) lost the scenes in flight when a worker node went away.
             max_restarts=-1,
-            max_task_retries=TASK_RETRIES,
+            max_task_retries=-1,
         )
     )
 

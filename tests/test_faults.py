@@ -289,13 +289,13 @@ def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
         call_with_deadline(lambda: 1 / 0, 5, "failing")
 
 
-def test_a_batch_that_kills_every_actor_fails_its_scenes_and_the_run_still_ends(
+def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still_ends(
     ray_session, archive, clean, tmp_path
 ):
-    """After the first scene is done, every detector actor is killed once it has loaded its
-    model (as if a batch killed it): the batches in flight exhaust their retries
-    (TASK_RETRIES), the run ends instead of retrying forever, the scenes whose tiles never
-    came back fail with the reason, and the scenes done before keep their rows and records."""
+    """After the first scene is done, every worker running a read task is killed: the read
+    tasks in flight exhaust their retries (TASK_RETRIES), the run ends instead of retrying
+    forever, the scenes whose tiles never came back fail with the reason, and the scenes done
+    before keep their rows and ledger records."""
     import threading
 
     folder, _ = archive
@@ -303,27 +303,29 @@ def test_a_batch_that_kills_every_actor_fails_its_scenes_and_the_run_still_ends(
     killed: list[int] = []
 
     def keep_killing() -> None:
-        while not stop.is_set():
-            if len(killed) >= 40:
-                return  # a bound of our own: the test fails rather than hangs
-            for pid in detector_actors():
-                if "__init__" in command_line(pid):
-                    continue  # it dies on every batch, not while loading its model
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.05)
+        while not stop.is_set() and len(killed) < 40:  # bounded: the test fails, never hangs
+            for pid in descendants(os.getpid()):
+                if "read_chunk" in command_line(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.02)
 
     killer = threading.Thread(target=keep_killing, daemon=True)
 
     def start_killing_after_first_done(line: str) -> None:
-        if line.strip().startswith("done ") and not killer.is_alive():
+        if line.strip().startswith("done ") and not killer.is_alive() and not stop.is_set():
             killer.start()
 
     spec = parse_job(
-        threshold_job(sorted(folder.glob("*.tif")), tmp_path / "out", detect={"batch_size": 1})
+        threshold_job(
+            sorted(folder.glob("*.tif")),
+            tmp_path / "out",
+            tiling={"tiles_per_read_task": 1},
+            detect={"batch_size": 1, "inflight_mb_per_actor": 16},
+        )
     )
     try:
         report = run_job(spec, progress=start_killing_after_first_done, progress_every_s=0)
@@ -332,7 +334,7 @@ def test_a_batch_that_kills_every_actor_fails_its_scenes_and_the_run_still_ends(
     assert killed, "the killer never ran: the first scene was not done before the last"
     done = [s for s in report.scenes if s.status == "done"]
     failed = [s for s in report.scenes if s.status == "failed"]
-    assert done and failed and len(done) + len(failed) == SCENES
+    assert done and failed and len(done) + len(failed) == SCENES, report.scenes
     for scene in failed:
         assert "tiles came back: tiles lost: " in scene.error, scene.error
     rows = output_rows(str(tmp_path / "out"))
