@@ -186,6 +186,7 @@ def test_a_killed_detector_actor_is_restarted_and_its_batches_run_again(
     assert pids[0] not in detector_actors()
 
 
+@pytest.mark.slow
 def test_a_killed_driver_leaves_done_scenes_done_and_a_rerun_completes_them(
     archive, clean_retinanet, tmp_path
 ):
@@ -227,16 +228,17 @@ def s3_archive(s3_endpoint, archive):
     folder, planted = archive
     fs = s3fs.S3FileSystem()
     fs.mkdir("georetina-faults")
-    for name in sorted(planted)[:3]:
+    for name in sorted(planted)[:2]:
         fs.put(str(folder / name), f"georetina-faults/archive/{name}")
     return fs
 
 
+@pytest.mark.slow
 def test_object_storage_answering_503_to_every_first_request_changes_nothing(
     ray_session, s3_endpoint, s3_archive, tmp_path
 ):
     job = threshold_job(["s3://georetina-faults/archive/*.tif"], "s3://georetina-faults/clean")
-    assert run_job(parse_job(job), progress=quiet).count("done") == 3
+    assert run_job(parse_job(job), progress=quiet).count("done") == 2
     clean_rows = output_rows("s3://georetina-faults/clean")
 
     proxy = FlakyProxy(s3_endpoint)
@@ -256,7 +258,7 @@ def test_object_storage_answering_503_to_every_first_request_changes_nothing(
     finally:
         proxy.close()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "scenes: 3 done, 0 skipped, 0 failed" in result.stdout
+    assert "scenes: 2 done, 0 skipped, 0 failed" in result.stdout
     assert output_rows("s3://georetina-faults/flaky") == clean_rows
     failed = proxy.failed
     # Every kind of request was refused once and retried: raster reads (GDAL), the listing,

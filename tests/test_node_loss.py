@@ -18,7 +18,7 @@ from faults import clean_env, output_rows, threshold_job, write_archive
 from pipeline.config import parse_job
 from pipeline.runner import run_job
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SCENES = 3
 
