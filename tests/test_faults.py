@@ -292,15 +292,20 @@ def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
 
 
 def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still_ends(
-    ray_session, archive, clean, tmp_path
+    ray_session, tmp_path
 ):
     """After the first scene is done, every worker running a read task is killed: the read
     tasks in flight exhaust their retries (TASK_RETRIES), the run ends instead of retrying
     forever, the scenes whose tiles never came back fail with the reason, and the scenes done
-    before keep their rows and ledger records."""
+    before keep their rows and ledger records. Larger scenes (25 tiles each, one per read
+    task) leave most reads still to run when the first scene is done."""
     import threading
 
-    folder, _ = archive
+    folder = tmp_path / "archive"
+    write_archive(folder, 3, size=1100)
+    inputs = sorted(folder.glob("*.tif"))
+    run_job(parse_job(threshold_job(inputs, tmp_path / "clean")), progress=quiet)
+    clean = output_rows(str(tmp_path / "clean"))
     stop = threading.Event()
     killed: list[int] = []
 
@@ -323,7 +328,7 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
 
     spec = parse_job(
         threshold_job(
-            sorted(folder.glob("*.tif")),
+            inputs,
             tmp_path / "out",
             tiling={"tiles_per_read_task": 1},
             detect={"batch_size": 1, "inflight_mb_per_actor": 16},
@@ -336,7 +341,7 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
     assert killed, "the killer never ran: the first scene was not done before the last"
     done = [s for s in report.scenes if s.status == "done"]
     failed = [s for s in report.scenes if s.status == "failed"]
-    assert done and failed and len(done) + len(failed) == SCENES, report.scenes
+    assert done and failed and len(done) + len(failed) == len(inputs), report.scenes
     for scene in failed:
         assert "tiles came back: tiles lost: " in scene.error, scene.error
     rows = output_rows(str(tmp_path / "out"))
