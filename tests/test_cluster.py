@@ -102,7 +102,8 @@ def ray_head(tmp_path_factory):
         env=env,
     )
     address = f"127.0.0.1:{port}"
-    deadline = time.time() + 90
+    # Generous: on a loaded 2-core machine the head's job agent can take a minute or more.
+    deadline = time.time() + 240
     while time.time() < deadline:
         status = subprocess.run(
             [str(ray_bin), "status", f"--address={address}"],
