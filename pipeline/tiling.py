@@ -221,9 +221,11 @@ def iter_tiles(
             yield read_tile(dataset, window, bands, scale_range, palette)
 
 
-# Scenes whose read timed out in this process: their next chunks fail at once instead of
-# each waiting out the timeout again on the same hung server.
-_TIMED_OUT: set[str] = set()
+# Scenes whose read timed out in this process (URI -> when): their next chunks fail at once
+# instead of each waiting out the timeout again on the same hung server. Forgotten after
+# _TIMED_OUT_MEMORY_S, so a worker that lives on (the same session) tries again later.
+_TIMED_OUT: dict[str, float] = {}
+_TIMED_OUT_MEMORY_S = 600.0
 
 
 def read_tiles(
@@ -242,10 +244,12 @@ def read_tiles(
             were using is dropped from this process's open datasets, still in use by the
             abandoned read.
     """
+    import time
+
     from pipeline.deadline import call_with_deadline
     from pipeline.rasters import forget_shared_raster
 
-    if uri in _TIMED_OUT:
+    if time.monotonic() - _TIMED_OUT.get(uri, -math.inf) < _TIMED_OUT_MEMORY_S:
         raise TimeoutError(f"an earlier read of this scene took longer than {timeout_s:g} s")
 
     def read_all() -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +264,6 @@ def read_tiles(
     try:
         return call_with_deadline(read_all, timeout_s, f"reading {len(windows)} tile(s)")
     except TimeoutError:
-        _TIMED_OUT.add(uri)
+        _TIMED_OUT[uri] = time.monotonic()
         forget_shared_raster(uri)
         raise
