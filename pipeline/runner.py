@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +38,8 @@ from pipeline.scenes import Scene, discover_scenes
 from pipeline.tiling import Tile, plan_tiles, read_tiles
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # glibc returns freed arenas to the OS after every forward pass and maps them back on the
 # next; these keep them (measured: 75.0 s → 53.6 s for a tile loop, ~200 MB more peak).
@@ -480,7 +485,8 @@ def run_job(
         tiles_seen = 0
         last_report = time.perf_counter()
         try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batches = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+            for batch in _until_stalled(batches, spec.detect.stall_timeout_s):
                 for row in batch.to_pylist():
                     state = pending[row["scene_id"]]
                     tiles_seen += 1
@@ -512,6 +518,44 @@ def run_job(
             lost = f"only {state.received} of {state.expected} tiles came back"
             give_up(state, state.error or (f"{lost}: {stage_error}" if stage_error else lost))
     return _finish(report, started, output_root)
+
+
+def _until_stalled(batches: Iterator[T], stall_s: float) -> Iterator[T]:
+    """``batches``, pulled by a thread; ``TimeoutError`` when none comes for ``stall_s``.
+
+    Detector actors and their batches are retried without limit (a lost node must not lose
+    scenes), so an actor that dies at every start would stall a run forever; this ends it.
+    After a stall the thread goes on pulling and dropping batches, so the dataset still runs
+    to its end (releasing its actors) if its actors ever come back.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    abandoned = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in batches:
+                if not abandoned.is_set():
+                    handoff.put(("item", item))
+            handoff.put(("end", None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            handoff.put(("error", error))
+
+    threading.Thread(target=pump, name="georetina batches", daemon=True).start()
+    while True:
+        try:
+            kind, value = handoff.get(timeout=stall_s)
+        except queue.Empty:
+            abandoned.set()
+            while not handoff.empty():  # the pump may be blocked on a full queue
+                handoff.get_nowait()
+            raise TimeoutError(
+                f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"
+            ) from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
 
 
 def _first_line(error: BaseException, limit: int = 500) -> str:

@@ -349,3 +349,53 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
     latest = {r.scene_id: r.status for r in Ledger(str(tmp_path / "out")).records()}
     assert latest == {s.scene_id: s.status for s in report.scenes}
     assert (tmp_path / "out" / "_runs" / f"{report.run_id}.json").exists()
+
+
+def test_an_actor_that_dies_at_every_start_ends_the_run_by_the_stall_timeout(
+    ray_session, archive, clean, tmp_path
+):
+    """After the first scene is done, every detector actor is killed as soon as it appears,
+    even while loading: Ray restarts it without end and no batch ever fails, so only the
+    driver's stall timeout (detect.stall_timeout_s) ends the run; the scenes in flight fail
+    with it, the done ones keep their rows."""
+    import threading
+
+    folder, _ = archive
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def keep_killing() -> None:
+        while not stop.is_set():
+            for pid in detector_actors():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+
+    def start_killing_after_first_done(line: str) -> None:
+        if line.strip().startswith("done ") and not killer.is_alive() and not stop.is_set():
+            killer.start()
+
+    spec = parse_job(
+        threshold_job(
+            sorted(folder.glob("*.tif")),
+            tmp_path / "out",
+            tiling={"tiles_per_read_task": 1},
+            detect={"batch_size": 1, "stall_timeout_s": 5},
+        )
+    )
+    try:
+        report = run_job(spec, progress=start_killing_after_first_done, progress_every_s=0)
+    finally:
+        stop.set()  # the abandoned dataset then runs to its end in the background
+    assert killed
+    done = [s for s in report.scenes if s.status == "done"]
+    failed = [s for s in report.scenes if s.status == "failed"]
+    assert done and failed and len(done) + len(failed) == SCENES, report.scenes
+    for scene in failed:
+        assert "tiles lost: no tile came back for 5 s (detect.stall_timeout_s)" in scene.error
+    assert output_rows(str(tmp_path / "out")) == {s.scene_id: clean[s.scene_id] for s in done}
