@@ -93,6 +93,13 @@ def ray_head(tmp_path_factory):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # Every agent port free too: the tests' embedded Ray already holds the defaults
+            # (52365 for the dashboard agent), and a head whose agent cannot bind it has no
+            # Job API ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
