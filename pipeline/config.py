@@ -397,6 +397,16 @@ def parse_job(data: Any, source: str = "<job>") -> JobSpec:
         raise JobSpecError(source, _format_errors(error)) from None
 
 
+def _read_yaml(path: Path) -> Any:
+    """Safe loader: no tags, no code; unreadable or malformed files name the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise JobSpecError(str(path), [f"(file): cannot read: {error}"]) from None
+    except yaml.YAMLError as error:
+        raise JobSpecError(str(path), [f"(yaml): {error}"]) from None
+
+
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read a job YAML (safe loader: no tags, no code) and validate it.
 
@@ -404,12 +414,7 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSp
     a job file means the same thing wherever it is run from.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise JobSpecError(str(path), [f"(file): cannot read: {error}"]) from None
-    except yaml.YAMLError as error:
-        raise JobSpecError(str(path), [f"(yaml): {error}"]) from None
+    data = _read_yaml(path)
     if isinstance(data, dict):
         data = _resolve_relative_paths(data, path.parent)
         for key, value in (overrides or {}).items():
@@ -579,12 +584,7 @@ class TrainSpec(_Strict):
 def load_train_spec(path: str | Path) -> TrainSpec:
     """Read a training YAML; relative label, raster and output paths are relative to it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise JobSpecError(str(path), [f"(file): cannot read: {error}"]) from None
-    except yaml.YAMLError as error:
-        raise JobSpecError(str(path), [f"(yaml): {error}"]) from None
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise JobSpecError(str(path), ["(top level): a training file must be a mapping"])
     base = path.parent
