@@ -90,3 +90,24 @@ def test_shipped_job_files_validate():
             load_train_spec(job)
         else:
             load_job(job)
+
+
+def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
+    """Checked first: no Ray started, no scene opened, no model loaded (a GPU never waits)."""
+    from pipeline.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "inputs": [str(tmp_path / "missing.tif")],
+                "model": {"kind": "threshold"},
+                "output": {"path": str(blocker / "out")},
+            }
+        )
+    )
+    assert main(["run", str(job)]) == 2
+    assert f"output {blocker / 'out'} is not writable" in capsys.readouterr().err
+    assert not (blocker.parent / "out").exists()
