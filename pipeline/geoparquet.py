@@ -144,10 +144,35 @@ class SceneRows:
     stac_item_id: str | None = None
 
 
+def split_at_antimeridian(polygons: np.ndarray, rings: np.ndarray) -> np.ndarray:
+    """Longitude/latitude boxes that straddle ±180° as two-part MultiPolygons.
+
+    A ring with corners at 179.99° and -179.99° would otherwise be read as a polygon around
+    the whole globe. Split at the antimeridian (RFC 7946's rule), each part stays small; the
+    row's covering bbox becomes [-180, ymin, 180, ymax], so bbox filters still find it.
+    """
+    lons = rings[..., 0]
+    crossing = np.flatnonzero(lons.max(axis=1) - lons.min(axis=1) > 180.0)
+    if len(crossing) == 0:
+        return polygons
+    polygons = polygons.copy()
+    west, east = shapely.box(-180.0, -90.0, 180.0, 90.0), shapely.box(180.0, -90.0, 540.0, 90.0)
+    for i in crossing:
+        ring = rings[i].copy()
+        ring[ring[:, 0] < 0, 0] += 360.0  # one continuous ring across 180°
+        whole = shapely.Polygon(ring)
+        beyond = shapely.transform(shapely.intersection(whole, east), lambda xy: xy - [360.0, 0])
+        polygons[i] = shapely.MultiPolygon([shapely.intersection(whole, west), beyond])
+    return polygons
+
+
 def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 0) -> pa.Table:
     """Arrow table in Hilbert order with GeoParquet metadata; ``geo.bbox`` from the data."""
     count = len(rows.scores)
-    polygons = shapely.orient_polygons(shapely.polygons(rows.rings), exterior_cw=False)
+    polygons = shapely.polygons(rows.rings)
+    if crs_projjson.get("type") == "GeographicCRS":
+        polygons = split_at_antimeridian(polygons, rows.rings)
+    polygons = shapely.orient_polygons(polygons, exterior_cw=False)
     bounds = shapely.bounds(polygons).reshape(count, 4)
     order = hilbert_order(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
     polygons, bounds = polygons[order], bounds[order]

@@ -93,6 +93,40 @@ def check_one_scene(report: object, output: Path) -> None:
     assert len(list((output / "detections").glob("*.parquet"))) == 1
 
 
+def across_the_antimeridian(folder: Path, good: Path) -> tuple[list[str], dict]:
+    """A UTM zone 60 scene near the equator with the ±180° line through a planted object."""
+    from pyproj import Transformer
+
+    objects = plan_objects(400, 256, 48, count=6, seed=9, max_side=30)
+    middle_x = (objects[0].x0 + objects[0].x1) / 2
+    top = 55_500.0
+    northing = top - (objects[0].y0 + objects[0].y1) / 2
+    lat = Transformer.from_crs("EPSG:32660", "EPSG:4326", always_xy=True).transform(
+        833_966.0, northing
+    )[1]
+    easting = Transformer.from_crs("EPSG:4326", "EPSG:32660", always_xy=True).transform(180.0, lat)[
+        0
+    ]
+    write_scene(
+        folder / "dateline.tif", 400, objects, crs="EPSG:32660",
+        origin=(easting - middle_x, top), pixel_size=1.0, seed=9, block=128, overviews=False,
+    )  # fmt: skip
+    return [str(good), str(folder / "dateline.tif")], {}
+
+
+def check_antimeridian(report: object, output: Path) -> None:
+    [scene] = [s for s in report.scenes if Path(s.uri).name == "dateline.tif"]
+    frame = geopandas.read_parquet(scene.output)
+    assert len(frame) == 6  # every planted object, once
+    split = frame[frame.geometry.geom_type == "MultiPolygon"]
+    assert len(split) >= 1  # objects on the line: two parts, one each side of ±180°
+    for geometry in split.geometry:
+        assert tuple(geometry.bounds[::2]) == (-180.0, 180.0)
+        assert all(part.bounds[2] - part.bounds[0] < 0.001 for part in geometry.geoms)
+    whole = frame[frame.geometry.geom_type == "Polygon"].geometry.bounds
+    assert ((whole.maxx - whole.minx) < 0.001).all()  # no box wraps around the globe
+
+
 def zero_byte(folder: Path, good: Path) -> tuple[list[str], dict]:
     (folder / "empty.tif").write_bytes(b"")
     return [str(good), str(folder / "empty.tif")], {}
@@ -145,6 +179,11 @@ CASES = {
         check=check_mixed_crs,
     ),
     "duplicate uris": Case(duplicates, check=check_one_scene),
+    "scene across the antimeridian": Case(
+        across_the_antimeridian,
+        scenes={"dateline.tif": ("done", "")},
+        check=check_antimeridian,
+    ),
     "zero-byte file": Case(
         zero_byte, scenes={"empty.tif": ("failed", "cannot be read as a raster")}
     ),
