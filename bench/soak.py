@@ -71,7 +71,7 @@ def main() -> int:
             "output": {"path": str(output)},
         }
     )
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     samples: list[tuple[int, float, float]] = []  # (scenes through, rss, peak rss)
 
     def sample(line: str) -> None:
