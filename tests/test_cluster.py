@@ -109,6 +109,25 @@ def ray_head(tmp_path_factory):
         env=env,
     )
     address = f"127.0.0.1:{port}"
+    try:
+        wait_for_head(ray_bin, address, env, dashboard_port)
+    except BaseException:
+        _stop(head)  # a head that never came up must not outlive the test session
+        raise
+    yield RayHead(address, env, f"http://127.0.0.1:{dashboard_port}")
+    _stop(head)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
+def wait_for_head(ray_bin: Path, address: str, env: dict, dashboard_port: int) -> None:
+    """Until the head answers `ray status`, its dashboard and its job agent."""
     # Generous: on a loaded 2-core machine the head's job agent can take a minute or more.
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -122,16 +141,9 @@ def ray_head(tmp_path_factory):
             break
         time.sleep(2)
     else:
-        head.terminate()
         pytest.fail("ray head did not come up")
     wait_for_http(f"http://127.0.0.1:{dashboard_port}/api/version", deadline)
     wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}", env, deadline)
-    yield RayHead(address, env, f"http://127.0.0.1:{dashboard_port}")
-    head.terminate()
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
 
 
 def test_cli_runs_a_job_on_a_running_cluster(ray_head, tmp_path):
