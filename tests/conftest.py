@@ -17,50 +17,54 @@ UTM_33N = "EPSG:32633"
 NORTH_UP = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_650_000.0)
 
 
-@pytest.fixture
-def make_raster(tmp_path: Path) -> Callable[..., Path]:
+def write_raster(
+    path: Path,
+    width: int = 256,
+    height: int = 256,
+    count: int = 3,
+    dtype: str = "uint8",
+    crs: str | None = UTM_33N,
+    transform: Affine | None = NORTH_UP,
+    nodata: float | None = None,
+    data: np.ndarray | None = None,
+    seed: int = 0,
+    colormap: dict | None = None,
+    **creation: str,
+) -> Path:
     """Write a small GeoTIFF: any size, bands, dtype, transform, CRS, nodata, pixels, colour
     map, and GTiff creation options (``photometric="palette"``, ``alpha="YES"``, ...)."""
+    if data is None:
+        rng = np.random.default_rng(seed)
+        data = rng.integers(0, 120, size=(count, height, width)).astype(dtype)
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": dtype,
+        "tiled": True,
+        "blockxsize": 128,
+        "blockysize": 128,
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    if transform is not None:
+        profile["transform"] = transform
+    if nodata is not None:
+        profile["nodata"] = nodata
+    with rasterio.open(path, "w", **profile, **creation) as dst:
+        dst.write(data)
+        if colormap:
+            dst.write_colormap(1, colormap)
+    return path
 
-    def make(
-        name: str = "scene.tif",
-        width: int = 256,
-        height: int = 256,
-        count: int = 3,
-        dtype: str = "uint8",
-        crs: str | None = UTM_33N,
-        transform: Affine | None = NORTH_UP,
-        nodata: float | None = None,
-        data: np.ndarray | None = None,
-        seed: int = 0,
-        colormap: dict | None = None,
-        **creation: str,
-    ) -> Path:
-        path = tmp_path / name
-        if data is None:
-            rng = np.random.default_rng(seed)
-            data = rng.integers(0, 120, size=(count, height, width)).astype(dtype)
-        profile = {
-            "driver": "GTiff",
-            "width": width,
-            "height": height,
-            "count": count,
-            "dtype": dtype,
-            "tiled": True,
-            "blockxsize": 128,
-            "blockysize": 128,
-        }
-        if crs is not None:
-            profile["crs"] = crs
-        if transform is not None:
-            profile["transform"] = transform
-        if nodata is not None:
-            profile["nodata"] = nodata
-        with rasterio.open(path, "w", **profile, **creation) as dst:
-            dst.write(data)
-            if colormap:
-                dst.write_colormap(1, colormap)
-        return path
+
+@pytest.fixture
+def make_raster(tmp_path: Path) -> Callable[..., Path]:
+    """:func:`write_raster` into the test's folder: ``make_raster("name.tif", ...)``."""
+
+    def make(name: str = "scene.tif", **options: object) -> Path:
+        return write_raster(tmp_path / name, **options)
 
     return make
 

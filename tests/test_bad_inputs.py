@@ -5,7 +5,9 @@ refused up front (the expected error, and nothing written), or it runs: the bad 
 as the table says (failed with the expected text, or done with the expected output) and the
 good scene's rows are exactly those of a clean run of it alone.
 
-Cases covered elsewhere, at the level where they are decided:
+The tiling stage's bad inputs are in the table too (`tiling: ...`): no CRS, no geotransform,
+truncated, unreachable, south-up, rotated, 1 and 5 bands, uint16 with nodata, float32 NaN,
+palette, alpha, smaller than a tile, all nodata. Also covered in detail elsewhere:
 - rasters without CRS / geotransform, too few bands, band out of range, alpha as a channel,
   GCP-only, truncated, not a raster, unreachable URI: tests/test_tiling.py
   (test_bad_rasters_fail_with_the_scene_named, test_band_out_of_range,
@@ -25,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas
+import numpy as np
 import pytest
 import torch
+from conftest import write_raster
 from faults import output_rows, threshold_job, write_archive
+from rasterio.transform import Affine
 
 from pipeline.config import parse_job
 from pipeline.errors import CheckpointError, GeoRetinaError, JobSpecError
@@ -127,6 +132,101 @@ def check_antimeridian(report: object, output: Path) -> None:
     assert ((whole.maxx - whole.minx) < 0.001).all()  # no box wraps around the globe
 
 
+def beside_good(write: Callable[[Path], Path | str]) -> Callable:
+    """A case builder: the good scene plus the raster (or URI) ``write`` makes."""
+
+    def build(folder: Path, good: Path) -> tuple[list[str], dict]:
+        return [str(good), str(write(folder))], {}
+
+    return build
+
+
+def truncated(folder: Path) -> Path:
+    path = write_raster(folder / "truncated.tif", width=512, height=512, compress="deflate")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+GREY = {i: (i, i, i, 255) for i in range(256)}
+TILING_CASES = {  # name: (file name, writer, status, text in the error)
+    # Refused, each with the scene named and the reason:
+    "no CRS": ("nocrs.tif", lambda f: write_raster(f / "nocrs.tif", crs=None), "failed", "no CRS"),
+    "no geotransform": (
+        "pixels.tif",
+        lambda f: write_raster(f / "pixels.tif", transform=None),
+        "failed",
+        "has no geotransform",
+    ),
+    "truncated file": ("truncated.tif", truncated, "failed", "truncated"),
+    "unreachable uri": (
+        "far-away.tif",
+        lambda f: "http://127.0.0.1:9/far-away.tif",
+        "failed",
+        "cannot be read",
+    ),
+    # Handled:
+    "south-up transform": (
+        "southup.tif",
+        lambda f: write_raster(
+            f / "southup.tif", transform=Affine(0.5, 0, 500_000, 0, 0.5, 4_600_000)
+        ),
+        "done",
+        "",
+    ),
+    "rotated transform": (
+        "rotated.tif",
+        lambda f: write_raster(
+            f / "rotated.tif",
+            transform=Affine.translation(500_000, 4_600_000)
+            @ Affine.rotation(20)
+            @ Affine.scale(0.5, -0.5),
+        ),
+        "done",
+        "",
+    ),
+    "1-band image": ("grey.tif", lambda f: write_raster(f / "grey.tif", count=1), "done", ""),
+    "5-band image": ("multi.tif", lambda f: write_raster(f / "multi.tif", count=5), "done", ""),
+    "uint16 with nodata": (
+        "u16.tif",
+        lambda f: write_raster(f / "u16.tif", dtype="uint16", nodata=0),
+        "done",
+        "",
+    ),
+    "float32 with NaN": (
+        "nan.tif",
+        lambda f: write_raster(
+            f / "nan.tif", dtype="float32", data=np.full((3, 256, 256), np.nan, np.float32)
+        ),
+        "done",
+        "",
+    ),
+    "palette image": (
+        "palette.tif",
+        lambda f: write_raster(f / "palette.tif", count=1, colormap=GREY, photometric="palette"),
+        "done",
+        "",
+    ),
+    "alpha band": (
+        "alpha.tif",
+        lambda f: write_raster(f / "alpha.tif", count=4, alpha="YES"),
+        "done",
+        "",
+    ),
+    "smaller than a tile": (
+        "tiny.tif",
+        lambda f: write_raster(f / "tiny.tif", width=40, height=30),
+        "done",
+        "",
+    ),
+    "all nodata": (
+        "empty.tif",
+        lambda f: write_raster(f / "empty.tif", nodata=0, data=np.zeros((3, 256, 256), np.uint8)),
+        "done",
+        "",
+    ),
+}
+
+
 def zero_byte(folder: Path, good: Path) -> tuple[list[str], dict]:
     (folder / "empty.tif").write_bytes(b"")
     return [str(good), str(folder / "empty.tif")], {}
@@ -215,6 +315,14 @@ CASES = {
         refused=(CheckpointError, "1 unexpected key(s), e.g. ['head.extra.weight']"),
     ),
 }
+
+
+CASES.update(
+    {
+        f"tiling: {name}": Case(beside_good(write), scenes={file_name: (status, text)})
+        for name, (file_name, write, status, text) in TILING_CASES.items()
+    }
+)
 
 
 @pytest.fixture(scope="module")
