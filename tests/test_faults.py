@@ -22,6 +22,7 @@ from faults import (
     GEORETINA,
     OVERLAP,
     SIZE,
+    SMALL_RETINANET,
     TILE,
     clean_env,
     command_line,
@@ -137,13 +138,7 @@ def detector_actors() -> list[int]:
 def retinanet_job(folder: Path, output: Path, **sections: dict) -> dict:
     """RetinaNet (untrained, seeded: deterministic) on the CPU: slow enough (~0.1 s a tile)
     that a kill lands while tiles are still to be detected; a narrow FPN keeps it at that."""
-    model = {
-        "kind": "retinanet",
-        "backbone": "resnet18_fpn",
-        "fpn_channels": 32,
-        "score_threshold": 0.001,
-        "detections_per_tile": 10,
-    }
+    model = SMALL_RETINANET
     inputs = sorted(folder.glob("*.tif"))[:RETINANET_SCENES]
     return {**threshold_job(inputs, output), "model": model, **sections}
 
@@ -209,7 +204,7 @@ def test_a_killed_driver_leaves_done_scenes_done_and_a_rerun_completes_them(
             driver.wait()
     assert driver.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()
     done_before = {r.scene_id for r in Ledger(str(tmp_path / "out")).records()}
-    assert 1 <= len(done_before) < RETINANET_SCENES  # killed mid-run, some scenes done
+    assert 0 < len(done_before) < RETINANET_SCENES  # killed mid-run, some scenes done
 
     again = subprocess.run(
         [GEORETINA, "run", str(job)], capture_output=True, text=True, env=clean_env(), timeout=400

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from faults import clean_env, output_rows, threshold_job, write_archive
+from faults import SMALL_RETINANET, clean_env, output_rows, threshold_job, write_archive
 
 from pipeline.config import parse_job
 from pipeline.runner import run_job
@@ -61,13 +61,7 @@ DRIVER = textwrap.dedent(
 def test_a_worker_node_removed_mid_run_changes_nothing(ray_session, tmp_path):
     folder = tmp_path / "archive"
     write_archive(folder, SCENES)
-    model = {
-        "kind": "retinanet",
-        "backbone": "resnet18_fpn",
-        "fpn_channels": 32,
-        "score_threshold": 0.001,
-        "detections_per_tile": 10,
-    }
+    model = SMALL_RETINANET
     inputs = sorted(folder.glob("*.tif"))
     clean = {**threshold_job(inputs, tmp_path / "clean"), "model": model}
     assert run_job(parse_job(clean), progress=lambda _: None).count("done") == SCENES
