@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DetectSettings, ModelSettings
-from pipeline.detect import RetinaNetDetector, detect_tiles
+from pipeline.detect import RetinaNetDetector
 from pipeline.model import build_model
 
 TILE = 512
@@ -41,34 +41,36 @@ def bare_model_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: in
         model([torch.zeros(3, TILE, TILE)])
         started = time.perf_counter()
         for start in range(0, len(tiles), batch):
-            x = torch.from_numpy(tiles[start : start + batch]).permute(0, 3, 1, 2).float() / 255
+            x = torch.from_numpy(tiles[start : start + batch]).float() / 255
             model(list(x))
     return len(tiles) / (time.perf_counter() - started)
 
 
 def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) -> float:
+    """The pipeline's own detector actor class (pipeline.runner.DetectorActor), as a Ray
+    actor with every core, fed batches in the read stage's format through the object store."""
     import ray
 
-    from pipeline.runner import detections_to_arrow
+    from pipeline.config import parse_job
+    from pipeline.runner import DetectorActor
 
-    @ray.remote(num_cpus=1)
-    class Detector:
-        def __init__(self, threads: int) -> None:
-            self.detector = RetinaNetDetector(settings, TILE, torch_threads=threads)
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> int:
-            count = len(batch["image"])
-            found = detect_tiles(
-                self.detector, batch["image"], batch["valid"], np.ones(count, bool), 0.5
-            )
-            return detections_to_arrow(batch, found, np.ones(count, bool)).num_rows
+    spec = parse_job(
+        {
+            "inputs": ["unused.tif"],
+            "model": settings.model_dump(),
+            "tiling": {"tile_size": TILE},
+            "detect": {"batch_size": batch, "torch_threads": os.cpu_count() or 1},
+            "output": {"path": "unused"},
+        }
+    )
+    actor_class = ray.remote(num_cpus=1)(DetectorActor)
 
     def batch_of(start: int) -> dict[str, np.ndarray]:
         images = tiles[start : start + batch]
         count = len(images)
         return {
             "image": images,
-            "valid": np.ones(images.shape[:3], np.uint8),
+            "valid_bits": np.packbits(np.ones((count, TILE, TILE), np.uint8), axis=-1),
             "scene_id": np.full(count, "bench", dtype=object),
             "tile_index": np.arange(count, dtype=np.int32),
             "col_off": np.zeros(count, np.int32),
@@ -76,7 +78,7 @@ def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) ->
             "error": np.full(count, "", dtype=object),
         }
 
-    actor = Detector.remote(os.cpu_count() or 1)
+    actor = actor_class.remote(spec.model_dump_json(by_alias=True))
     ray.get(actor.__call__.remote(batch_of(0)))  # warm-up: model built, first pass done
     refs = [ray.put(batch_of(start)) for start in range(0, len(tiles), batch)]
     started = time.perf_counter()
@@ -99,7 +101,7 @@ def forward_postprocess_split(
     with torch.inference_mode():
         for start in range(0, len(tiles), batch):
             x = torch.from_numpy(tiles[start : start + batch]).to(device)
-            images = list(x.permute(0, 3, 1, 2).float() / 255)
+            images = list(x.float() / 255)
             sync()
             t0 = time.perf_counter()
             image_list, _ = model.transform(images)
@@ -148,7 +150,7 @@ def gpu_sweep() -> None:
     for precision in ("fp32", "bf16"):
         detector = RetinaNetDetector(settings, 800, device="cuda", precision=precision)
         for batch in (1, 2, 4, 8, 16, 32):
-            tiles = rng.integers(0, 255, size=(batch, 800, 800, 3), dtype=np.uint8)
+            tiles = rng.integers(0, 255, size=(batch, 3, 800, 800), dtype=np.uint8)
             for _ in range(3):
                 detector(tiles)
             torch.cuda.synchronize()
@@ -169,7 +171,7 @@ def main() -> None:
     if torch.cuda.is_available():
         gpu_sweep()
         r50 = ModelSettings(backbone="resnet50_fpn", classes=["object"])
-        gpu_tiles = np.random.default_rng(0).integers(0, 255, (64, TILE, TILE, 3), np.uint8)
+        gpu_tiles = np.random.default_rng(0).integers(0, 255, (64, 3, TILE, TILE), np.uint8)
         _print_split("cuda_r50", *forward_postprocess_split(r50, gpu_tiles, 16, "cuda"))
     import ray
 
@@ -177,7 +179,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     settings = ModelSettings(backbone="resnet18_fpn", classes=["object"])
     rng = np.random.default_rng(0)
-    tiles = rng.integers(0, 255, size=(args.tiles, TILE, TILE, 3), dtype=np.uint8)
+    tiles = rng.integers(0, 255, size=(args.tiles, 3, TILE, TILE), dtype=np.uint8)
     ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
     # Alternate the two, best of two each: the machine is shared and noisy.
     model_rates, actor_rates = [], []

@@ -45,7 +45,7 @@ def _bare_worker(tiles_path: str, share: slice, spec_json: str, barrier, results
         barrier.wait()
         for start in range(0, len(tiles), batch):
             chunk = np.array(tiles[start : start + batch])  # a writable copy, as the actor gets
-            x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float() / 255
+            x = torch.from_numpy(chunk).float() / 255
             model(list(x))
     results.put(time.perf_counter())
 

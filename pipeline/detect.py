@@ -1,6 +1,6 @@
 """Batched inference on a device. The Ray actor (runner.py) is a thin wrapper over this.
 
-A detector takes a uint8 batch ``N×H×W×C`` and returns, per tile, boxes in tile pixels
+A detector takes a uint8 batch ``N×C×H×W`` and returns, per tile, boxes in tile pixels
 ``(x0, y0, x1, y1)`` (float32), scores (float32) and class ids (int16).
 """
 
@@ -92,10 +92,12 @@ class RetinaNetDetector:
         if on_gpu:
             batch = batch.pin_memory()
         with torch.inference_mode():
-            # uint8 crosses the bus (4x fewer bytes than float); scaling happens on the device.
-            x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+            # uint8 crosses the bus (4x fewer bytes than float); scaling happens on the device,
+            # and so does the channels-last copy the GPU's convolutions prefer.
+            x = batch.to(self.device, non_blocking=True)
             if on_gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
+            x = x.float().div_(255.0)
             mixed = on_gpu and self.autocast_dtype is not None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=mixed):
                 # torchvision's network, then its postprocessing batched (pipeline/postprocess.py)
@@ -127,7 +129,7 @@ class ThresholdDetector:
 
         results = []
         for image in images:
-            bright = image.min(axis=2) >= self.level
+            bright = image.min(axis=0) >= self.level
             if not bright.any():
                 results.append(TileDetections.empty())
                 continue
@@ -141,7 +143,7 @@ class ThresholdDetector:
                 if blob.sum() < self.min_pixels:
                     continue
                 boxes.append((cols.start, rows.start, cols.stop, rows.stop))
-                scores.append(float(image[found][blob].mean()) / 255.0)
+                scores.append(float(image[:, rows, cols][:, blob].mean()) / 255.0)
             results.append(
                 TileDetections(
                     np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -181,7 +183,7 @@ def detect_tiles(
     if len(todo) == 0:
         return results
     for index, found in zip(todo, detector(images[todo]), strict=True):
-        if min_valid_fraction > 0 and len(found.boxes):
+        if min_valid_fraction > 0 and len(found.boxes) and not valid[index].all():
             found = found.select(valid_fraction(found.boxes, valid[index]) >= min_valid_fraction)
         results[index] = found
     return results

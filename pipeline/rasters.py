@@ -32,11 +32,14 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_HTTP_CONNECTTIMEOUT": 30,
     "GDAL_HTTP_LOW_SPEED_TIME": 60,
     "GDAL_HTTP_LOW_SPEED_LIMIT": 1,
-    "VSI_CACHE": "TRUE",
-    # In bytes (rasterio; a bare 256 meant 256 bytes: no cache). Enough for one row of 512-px
-    # blocks of a 32k-wide RGB raster, the span overlapping tiles reuse; no more, so a
-    # worker's memory does not grow with the raster.
-    "GDAL_CACHEMAX": 64 * 2**20,
+    # No VSI_CACHE here: GDAL's curl handlers cache their own ranges, and on local files the
+    # extra layer cost 20-25 % of the read rate (bench/tiling.py). fsspec openers get it.
+    # In bytes (rasterio; a bare 256 meant 256 bytes: no cache). A read task walks its chunk
+    # of tiles in rows; neighbours share a column of blocks, and on rasters up to ~8k px wide
+    # the next row of tiles shares a row of blocks (4096 px, RGB: 6 MB). A row of blocks of a
+    # 32k raster (48 MB) is seldom reused: the chunk below runs later, often on another worker.
+    # 64 MB a worker bought no speed and cost 150 MB of the bench's 32k job.
+    "GDAL_CACHEMAX": 16 * 2**20,
 }
 
 # Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.
@@ -59,7 +62,10 @@ def _open(uri: str) -> rasterio.DatasetReader:
         return rasterio.open(uri)
     import fsspec
 
-    return rasterio.open(uri, opener=fsspec.open)
+    # Every read of an opener is a Python call: VSI_CACHE (set when the handle opens) turns
+    # GDAL's many small header and block reads into fewer, larger ones.
+    with rasterio.Env(VSI_CACHE="TRUE"):
+        return rasterio.open(uri, opener=fsspec.open)
 
 
 # Datasets kept open by this process, most recently used last. Read tasks of one scene that

@@ -113,18 +113,18 @@ def chip_targets(
 def augment(
     image: np.ndarray, boxes: np.ndarray, flip_x: bool, flip_y: bool, quarter_turns: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flips and 90° turns of an ``H×W×C`` image and its boxes (overhead: no true up)."""
-    height, width = image.shape[:2]
+    """Flips and 90° turns of a ``C×H×W`` image and its boxes (overhead: no true up)."""
+    height, width = image.shape[1:]
     boxes = boxes.copy()
     if flip_x:
-        image = image[:, ::-1]
+        image = image[:, :, ::-1]
         boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
     if flip_y:
-        image = image[::-1]
+        image = image[:, ::-1]
         boxes[:, [1, 3]] = height - boxes[:, [3, 1]]
     for _ in range(quarter_turns % 4):
         # np.rot90 turns counter-clockwise: the point (x, y) goes to (y, width - x).
-        image = np.rot90(image)
+        image = np.rot90(image, axes=(1, 2))
         boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], 1)
         height, width = width, height
     return np.ascontiguousarray(image), boxes
@@ -222,7 +222,7 @@ def build_trainable_model(spec: TrainSpec) -> tuple[RetinaNet, list[str]]:
 
 @dataclass(frozen=True)
 class Chip:
-    image: np.ndarray  # H×W×3 uint8
+    image: np.ndarray  # 3×H×W uint8
     boxes: np.ndarray  # (k, 4) float32 chip pixels
     class_ids: np.ndarray  # (k,) int64
 
@@ -284,7 +284,7 @@ def to_batch(
         image, boxes = augment(
             chip.image, chip.boxes, bool(flips[0]), bool(flips[1]), int(rng.integers(0, 4))
         )
-        tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255.0)
+        tensor = torch.from_numpy(image).to(device).float().div_(255.0)
         images.append(tensor)
         targets.append(
             {

@@ -28,12 +28,12 @@ def settings(**kwargs) -> ModelSettings:
 @pytest.fixture(scope="module")
 def tiles() -> np.ndarray:
     rng = np.random.default_rng(0)
-    return rng.integers(0, 255, size=(3, TILE, TILE, 3), dtype=np.uint8)
+    return rng.integers(0, 255, size=(3, 3, TILE, TILE), dtype=np.uint8)
 
 
 def test_model_does_not_resize_tiles(tiles):
     model = build_model(settings(), TILE)
-    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(tiles).float() / 255
     images, _ = model.transform(list(x))
     assert images.tensors.shape[-2:] == (TILE, TILE)
     assert model.head.classification_head.num_classes == 2
@@ -45,7 +45,7 @@ def test_batched_detector_equals_a_per_tile_model_loop(tiles):
     model = build_model(settings(), TILE)
     assert len(batched) == len(tiles)
     for image, found in zip(tiles, batched, strict=False):
-        x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        x = torch.from_numpy(image).float() / 255
         with torch.inference_mode():
             (expected,) = model([x])
         assert found.boxes.dtype == np.float32 and found.boxes.shape[1] == 4
@@ -66,7 +66,7 @@ def test_all_nodata_tiles_never_reach_the_detector(tiles):
             calls.append(len(images))
             return ThresholdDetector(settings(kind="threshold"))(images)
 
-    valid = np.ones(tiles.shape[:3], np.uint8)
+    valid = np.ones((len(tiles), TILE, TILE), np.uint8)
     valid[1] = 0
     found = detect_tiles(Recorder(), tiles, valid, np.array([True, True, False]), 0.5)
     assert calls == [1]  # tile 1 is nodata, tile 2 failed to read
@@ -74,9 +74,9 @@ def test_all_nodata_tiles_never_reach_the_detector(tiles):
 
 
 def test_boxes_mostly_on_nodata_are_dropped():
-    image = np.zeros((1, 64, 64, 3), np.uint8)
-    image[0, 10:20, 10:20] = 255  # on valid pixels
-    image[0, 40:50, 40:50] = 255  # on nodata
+    image = np.zeros((1, 3, 64, 64), np.uint8)
+    image[0, :, 10:20, 10:20] = 255  # on valid pixels
+    image[0, :, 40:50, 40:50] = 255  # on nodata
     valid = np.ones((1, 64, 64), np.uint8)
     valid[0, 32:, 32:] = 0
     detector = ThresholdDetector(settings(kind="threshold", threshold_min_pixels=4))

@@ -79,9 +79,9 @@ def test_read_pads_a_raster_smaller_than_a_tile(make_raster):
     tile = plan_tiles(100, 60, 128, 16)[0].window
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 255.0))
-        expected = np.moveaxis(dataset.read(), 0, -1)
-    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
-    assert (image[:60, :100] == expected).all()
+        expected = dataset.read()
+    assert image.shape == (3, 128, 128) and image.dtype == np.uint8
+    assert (image[:, :60, :100] == expected).all() and not image[:, 60:].any()
     assert valid[:60, :100].all() and not valid[60:].any() and not valid[:, 100:].any()
 
 
@@ -93,7 +93,7 @@ def test_nodata_is_invalid_and_zeroed(make_raster):
     with open_raster(str(path)) as dataset:
         image, valid = read_tile(dataset, tile, [1, 2, 3], (0.0, 100.0))
     assert not valid[:, :20].any() and valid[:, 20:].all()
-    assert (image[:, 20:] == 127).all() and (image[:, :20] == 0).all()
+    assert (image[:, :, 20:] == 127).all() and (image[:, :, :20] == 0).all()
 
 
 def test_inspect_reads_crs_transform_and_percentile_range(make_raster):
@@ -182,8 +182,8 @@ def test_palette_image_is_expanded_through_its_colour_map(make_raster):
             info.scale_range,
             info.palette_table(),
         )
-    assert image[0, 0].tolist() == [10, 20, 30]
-    assert image[0, 40].tolist() == [200, 100, 50]
+    assert image[:, 0, 0].tolist() == [10, 20, 30]
+    assert image[:, 0, 40].tolist() == [200, 100, 50]
     assert valid.all()
 
 
@@ -201,7 +201,7 @@ def test_alpha_band_is_the_mask_not_a_channel(make_raster):
             dataset, plan_tiles(64, 64, 64, 0)[0].window, [1, 2, 3], (0.0, 255.0)
         )
     assert not valid[:16].any() and valid[16:].all()
-    assert (image[:16] == 0).all() and (image[16:] == 100).all()
+    assert (image[:, :16] == 0).all() and (image[:, 16:] == 100).all()
     with pytest.raises(SceneError, match="alpha"):
         inspect_raster("a", str(path), [2, 3, 4], None)
 
@@ -243,7 +243,7 @@ def test_float32_with_nan_is_invalid_there_and_scaled_by_percentiles(make_raster
             dataset, plan_tiles(128, 128, 128, 0)[0].window, [1, 2, 3], info.scale_range
         )
     assert not valid[:, :40].any() and valid[:, 40:].all()
-    assert image[:, 40:].max() == 255 and image[:, :40].max() == 0
+    assert image[:, :, 40:].max() == 255 and image[:, :, :40].max() == 0
 
 
 def test_unreachable_uri_fails_quickly_with_the_scene_named():

@@ -85,12 +85,12 @@ def test_classification_prior_is_one_percent():
     turns=st.integers(0, 3),
 )
 def test_augment_moves_boxes_with_the_pixels(x0, y0, w, h, flip_x, flip_y, turns):
-    image = np.zeros((64, 64, 3), np.uint8)
-    image[y0 : y0 + h, x0 : x0 + w] = 255
+    image = np.zeros((3, 64, 64), np.uint8)
+    image[:, y0 : y0 + h, x0 : x0 + w] = 255
     boxes = np.array([[x0, y0, x0 + w, y0 + h]], np.float64)
     out, moved = augment(image, boxes, flip_x, flip_y, turns)
     bx0, by0, bx1, by1 = moved[0].astype(int)
-    assert out[by0:by1, bx0:bx1].min() == 255  # the box covers the object...
+    assert out[:, by0:by1, bx0:bx1].min() == 255  # the box covers the object...
     assert out.sum() == image.sum()  # ...and all of it
     assert (bx1 - bx0) * (by1 - by0) == w * h
 
