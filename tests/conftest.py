@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,21 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@contextlib.contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block, then put back what was there."""
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _free_port() -> int:
     import socket
 
@@ -97,19 +113,29 @@ def s3_endpoint():
         "AWS_HTTPS": "NO",
         "AWS_VIRTUAL_HOSTING": "FALSE",
     }
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    yield f"http://127.0.0.1:{port}"
+    with environment(settings):
+        yield f"http://127.0.0.1:{port}"
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
+def gcs_endpoint():
+    """A GCS-compatible server (fake-gcs-server) on loopback, for GDAL's ``/vsigs/`` (its XML
+    API, unsigned) and gcsfs (its JSON API) alike; set before Ray starts, as for S3."""
+    from servers import fake_gcs_server
+
+    with fake_gcs_server() as url:
+        settings = {
+            "STORAGE_EMULATOR_HOST": url,  # gcsfs
+            "CPL_GS_ENDPOINT": f"{url}/",  # GDAL's /vsigs/
+            "GS_NO_SIGN_REQUEST": "YES",
+        }
+        with environment(settings):
+            yield url
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint, gcs_endpoint):
     """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
     import ray
 

