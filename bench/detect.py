@@ -16,7 +16,8 @@ GPU (when CUDA is visible): tiles/s of RetinaNet ResNet-50 FPN at 800 x 800 px, 
 autocast, batch sizes 1..32, through our detector (uint8 in, pinned, non-blocking copies).
 -> gpu_r50_800_<precision>_bs<N>_tiles_per_s
 
-Run: .venv/bin/python bench/detect.py [--tiles 48] [--batch 4]
+Run: .venv/bin/python bench/detect.py [--tiles 48] [--batch 4] [--gpu-only]
+On the lent GPU machine (no Ray, rasterio or pydantic there): bench/gpu_check.sh
 """
 
 from __future__ import annotations
@@ -167,12 +168,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiles", type=int, default=48)
     parser.add_argument("--batch", type=int, default=DetectSettings().batch_size)
+    parser.add_argument(
+        "--gpu-only", action="store_true", help="the GPU figures alone (a machine without Ray)"
+    )
     args = parser.parse_args()
     if torch.cuda.is_available():
         gpu_sweep()
         r50 = ModelSettings(backbone="resnet50_fpn", classes=["object"])
         gpu_tiles = np.random.default_rng(0).integers(0, 255, (64, 3, TILE, TILE), np.uint8)
         _print_split("cuda_r50", *forward_postprocess_split(r50, gpu_tiles, 16, "cuda"))
+    if args.gpu_only:
+        return
     import ray
 
     threads = os.cpu_count() or 1

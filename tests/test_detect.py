@@ -235,3 +235,33 @@ def test_batched_postprocess_returns_torchvisions_boxes(knobs):
     for mine, theirs in zip(ours, expected, strict=True):
         assert len(theirs["boxes"]) > 0
         assert _canonical(mine) == _canonical(theirs)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_detector_on_cuda_equals_a_per_tile_model_loop_there(tiles):
+    """The GPU path (pinned uint8, channels-last, batched postprocessing) in fp32 gives the
+    boxes torchvision's own per-tile call gives on the same device."""
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both sides
+    try:
+        batched = RetinaNetDetector(settings(), TILE, device="cuda", precision="fp32")(tiles)
+        model = build_model(settings(), TILE).cuda()
+        for image, found in zip(tiles, batched, strict=True):
+            with torch.inference_mode():
+                (expected,) = model([torch.from_numpy(image).cuda().float() / 255])
+            assert len(found.boxes) == len(expected["boxes"]) > 0
+            np.testing.assert_allclose(found.boxes, expected["boxes"].cpu().numpy(), atol=1e-2)
+            np.testing.assert_allclose(found.scores, expected["scores"].cpu().numpy(), atol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@cuda
+def test_detector_on_cuda_in_bf16_returns_float32_boxes_inside_the_tile(tiles):
+    found = RetinaNetDetector(settings(), TILE, device="cuda", precision="bf16")(tiles)
+    assert len(found) == len(tiles) and all(len(f.boxes) for f in found)
+    for tile in found:
+        assert tile.boxes.dtype == np.float32 and tile.scores.dtype == np.float32
+        assert tile.boxes.min() >= 0 and tile.boxes.max() <= TILE

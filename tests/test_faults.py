@@ -266,21 +266,30 @@ def test_object_storage_answering_503_to_every_first_request_changes_nothing(
 
 
 def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
+    import threading
+    import urllib.request
+
     from pipeline.deadline import call_with_deadline
 
+    # One helper thread serves a caller's calls, not the caller itself...
+    helper = call_with_deadline(threading.get_ident, 5, "who")
+    assert call_with_deadline(threading.get_ident, 5, "who") == helper != threading.get_ident()
     server = RangeServer({"/x": b"x"})
     server.hang("/x")
-    try:
-        import urllib.request
+    stuck_in: list[int] = []
 
+    def stuck_read() -> bytes:
+        stuck_in.append(threading.get_ident())
+        return urllib.request.urlopen(f"{server.url}/x", timeout=60).read()
+
+    try:
         with pytest.raises(TimeoutError, match="stuck read took longer than 0.5 s"):
-            call_with_deadline(
-                lambda: urllib.request.urlopen(f"{server.url}/x", timeout=60).read(),
-                0.5,
-                "stuck read",
-            )
+            call_with_deadline(stuck_read, 0.5, "stuck read")
+        # ...until one is abandoned: the next call, while it is still stuck, gets a new one.
+        assert call_with_deadline(threading.get_ident, 5, "who") not in (helper, stuck_in[0])
     finally:
         server.close()
+    assert stuck_in == [helper]
     assert call_with_deadline(lambda: 7, 5, "quick") == 7
     with pytest.raises(ZeroDivisionError):
         call_with_deadline(lambda: 1 / 0, 5, "failing")
