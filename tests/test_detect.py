@@ -222,7 +222,8 @@ def _canonical(found: dict[str, torch.Tensor]) -> list[tuple]:
         {"score_threshold": 0.0, "nms_threshold": 0.3, "detections_per_tile": 25},
     ],
 )
-def test_batched_postprocess_returns_torchvisions_boxes(knobs):
+@pytest.mark.parametrize("one_nms_call", [True, False], ids=["one-nms-call", "nms-per-image"])
+def test_batched_postprocess_returns_torchvisions_boxes(knobs, one_nms_call):
     from pipeline.postprocess import retinanet_detect
 
     torch.manual_seed(1)
@@ -230,7 +231,7 @@ def test_batched_postprocess_returns_torchvisions_boxes(knobs):
     x = torch.rand(4, 3, TILE, TILE)
     with torch.inference_mode():
         expected = model(list(x))
-        ours = retinanet_detect(model, x)
+        ours = retinanet_detect(model, x, one_nms_call)
     assert len(ours) == len(expected) == 4
     for mine, theirs in zip(ours, expected, strict=True):
         assert len(theirs["boxes"]) > 0
