@@ -7,7 +7,9 @@ import io
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -132,3 +134,33 @@ def clean_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(overrides)
     return env
+
+
+class KillAfterFirstDone:
+    """SIGKILLs every process ``find_pids()`` names, every 20 ms, from the moment a run's
+    first scene is done (pass :meth:`progress` as the run's progress) until :meth:`stop`;
+    ``limit`` kills at most, so a test that goes wrong fails instead of hanging."""
+
+    def __init__(self, find_pids: Callable[[], list[int]], limit: int | None = None) -> None:
+        self.find_pids, self.limit = find_pids, limit
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep_killing, daemon=True)
+
+    def _keep_killing(self) -> None:
+        while not self._stop.is_set() and (self.limit is None or len(self.killed) < self.limit):
+            for pid in self.find_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+
+    def progress(self, line: str) -> None:
+        if line.strip().startswith("done ") and not self._thread.is_alive():
+            if not self._stop.is_set():
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()

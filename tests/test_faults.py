@@ -24,6 +24,7 @@ from faults import (
     SIZE,
     SMALL_RETINANET,
     TILE,
+    KillAfterFirstDone,
     clean_env,
     command_line,
     descendants,
@@ -303,33 +304,15 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
     forever, the scenes whose tiles never came back fail with the reason, and the scenes done
     before keep their rows and ledger records. Larger scenes (25 tiles each, one per read
     task) leave most reads still to run when the first scene is done."""
-    import threading
-
     folder = tmp_path / "archive"
     write_archive(folder, 3, size=1100)
     inputs = sorted(folder.glob("*.tif"))
     run_job(parse_job(threshold_job(inputs, tmp_path / "clean")), progress=quiet)
     clean = output_rows(str(tmp_path / "clean"))
-    stop = threading.Event()
-    killed: list[int] = []
-
-    def keep_killing() -> None:
-        while not stop.is_set() and len(killed) < 40:  # bounded: the test fails, never hangs
-            for pid in descendants(os.getpid()):
-                if "read_chunk" in command_line(pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=keep_killing, daemon=True)
-
-    def start_killing_after_first_done(line: str) -> None:
-        if line.strip().startswith("done ") and not killer.is_alive() and not stop.is_set():
-            killer.start()
-
+    killer = KillAfterFirstDone(
+        lambda: [p for p in descendants(os.getpid()) if "read_chunk" in command_line(p)],
+        limit=40,
+    )
     spec = parse_job(
         threshold_job(
             inputs,
@@ -339,10 +322,10 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
         )
     )
     try:
-        report = run_job(spec, progress=start_killing_after_first_done, progress_every_s=0)
+        report = run_job(spec, progress=killer.progress, progress_every_s=0)
     finally:
-        stop.set()
-    assert killed, "the killer never ran: the first scene was not done before the last"
+        killer.stop()
+    assert killer.killed, "the killer never ran: the first scene was not done before the last"
     done = [s for s in report.scenes if s.status == "done"]
     failed = [s for s in report.scenes if s.status == "failed"]
     assert done and failed and len(done) + len(failed) == len(inputs), report.scenes
@@ -362,28 +345,8 @@ def test_an_actor_that_dies_at_every_start_ends_the_run_by_the_stall_timeout(
     even while loading: Ray restarts it without end and no batch ever fails, so only the
     driver's stall timeout (detect.stall_timeout_s) ends the run; the scenes in flight fail
     with it, the done ones keep their rows."""
-    import threading
-
     folder, _ = archive
-    stop = threading.Event()
-    killed: list[int] = []
-
-    def keep_killing() -> None:
-        while not stop.is_set():
-            for pid in detector_actors():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=keep_killing, daemon=True)
-
-    def start_killing_after_first_done(line: str) -> None:
-        if line.strip().startswith("done ") and not killer.is_alive() and not stop.is_set():
-            killer.start()
-
+    killer = KillAfterFirstDone(detector_actors)
     spec = parse_job(
         threshold_job(
             sorted(folder.glob("*.tif")),
@@ -393,10 +356,10 @@ def test_an_actor_that_dies_at_every_start_ends_the_run_by_the_stall_timeout(
         )
     )
     try:
-        report = run_job(spec, progress=start_killing_after_first_done, progress_every_s=0)
+        report = run_job(spec, progress=killer.progress, progress_every_s=0)
     finally:
-        stop.set()  # the abandoned dataset then runs to its end in the background
-    assert killed
+        killer.stop()  # the abandoned dataset then runs to its end in the background
+    assert killer.killed
     done = [s for s in report.scenes if s.status == "done"]
     failed = [s for s in report.scenes if s.status == "failed"]
     assert done and failed and len(done) + len(failed) == SCENES, report.scenes
