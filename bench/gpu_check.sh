@@ -14,5 +14,6 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_detect.py -k cuda
+# -c /dev/null: pyproject's warning filters name rasterio's classes, and rasterio is not there.
+python3 -m pytest -q -p no:cacheprovider -c /dev/null --rootdir . tests/test_detect.py -k cuda
 python3 bench/detect.py --gpu-only
