@@ -77,7 +77,9 @@ def batched_postprocess(
     real = all_scores > model.score_thresh
     flat_boxes, flat_scores = all_boxes[real], all_scores[real]
     flat_labels, flat_images = all_labels[real], image_index[real]
-    if logits.is_cuda if one_nms_call is None else one_nms_call:
+    if one_nms_call is None:
+        one_nms_call = logits.is_cuda
+    if one_nms_call:
         # One NMS for the whole batch: one kernel and one sync instead of one per image.
         keep = _nms_by_group(flat_boxes, flat_scores, flat_images * classes + flat_labels, model)
         # keep is in descending score order; a stable sort by image keeps that order per image.

@@ -262,8 +262,8 @@ def read_tiles(
     # Allocated here, not in the reading thread: a fresh thread's malloc arena hands out fresh
     # pages, and faulting in 16 MB a chunk cost 8 % of the read rate. Not zeroed either: every
     # pixel is written.
-    images = np.zeros((len(windows), 3, tile_size, tile_size), dtype=np.uint8)
-    valid = np.zeros((len(windows), tile_size, tile_size), dtype=np.uint8)
+    images = np.empty((len(windows), 3, tile_size, tile_size), dtype=np.uint8)
+    valid = np.empty((len(windows), tile_size, tile_size), dtype=np.uint8)
 
     def read_all() -> tuple[np.ndarray, np.ndarray]:
         with open_shared_raster(uri) as dataset:
