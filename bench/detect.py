@@ -181,12 +181,14 @@ def main() -> None:
         return
     import ray
 
+    from pipeline.runner import start_embedded_ray
+
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     settings = ModelSettings(backbone="resnet18_fpn", classes=["object"])
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 255, size=(args.tiles, 3, TILE, TILE), dtype=np.uint8)
-    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=threads)
     # Alternate the two, best of two each: the machine is shared and noisy.
     model_rates, actor_rates = [], []
     for _ in range(2):

@@ -123,9 +123,9 @@ def main() -> None:
 
     import ray
 
-    from pipeline.runner import run_job
+    from pipeline.runner import run_job, start_embedded_ray
 
-    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=threads)
     started = time.perf_counter()
     report = run_job(spec, force=True, progress=lambda line: None)
     elapsed = time.perf_counter() - started

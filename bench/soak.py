@@ -57,7 +57,7 @@ def main() -> int:
 
     from pipeline.config import parse_job
     from pipeline.ledger import Ledger
-    from pipeline.runner import run_job
+    from pipeline.runner import run_job, start_embedded_ray
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="soak-"))
     paths = make_scenes(workdir / "scenes", args.scenes)
@@ -71,7 +71,7 @@ def main() -> int:
             "output": {"path": str(output)},
         }
     )
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=args.num_cpus)
     samples: list[tuple[int, float, float]] = []  # (scenes through, rss, peak rss)
 
     def sample(line: str) -> None:

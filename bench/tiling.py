@@ -95,7 +95,7 @@ def measure_job(scene: str, output: str) -> None:
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.runner import run_job, start_embedded_ray
 
     peak, done = [0], threading.Event()
 
@@ -106,7 +106,7 @@ def measure_job(scene: str, output: str) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=os.cpu_count())
     spec = parse_job(
         {
             "inputs": [scene],

@@ -140,8 +140,10 @@ def ray_session(s3_endpoint, gcs_endpoint):
     """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
     import ray
 
-    # address="local": always a fresh embedded Ray, never a cluster that happens to run on
+    from pipeline.runner import start_embedded_ray
+
+    # Always a fresh embedded Ray (address="local"), never a cluster that happens to run on
     # this machine (a test's own `ray start --head`, or a developer's).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_embedded_ray(num_cpus=2)
     yield ray
     ray.shutdown()

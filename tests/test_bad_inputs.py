@@ -299,7 +299,7 @@ CASES = {
         refused=(
             JobSpecError,
             "a read task of 3 tile(s) of 8192 px holds 768 MB, more than "
-            "detect.inflight_mb_per_actor (128 MB)",
+            "detect.inflight_mb_per_actor (64 MB)",
         ),
     ),
     "in-flight tiles beyond the object store": Case(

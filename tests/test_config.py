@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_job, parse_job
+from pipeline.config import CPU_INFLIGHT_MB, GPU_INFLIGHT_MB, load_job, parse_job
 from pipeline.errors import JobSpecError
 
 MINIMAL = {"inputs": ["scenes/*.tif"], "output": {"path": "out"}}
@@ -43,6 +43,20 @@ def test_every_error_is_reported_at_once():
 def test_overlap_must_stay_below_half_a_tile():
     with pytest.raises(JobSpecError, match="overlap"):
         parse_job({**MINIMAL, "tiling": {"tile_size": 256, "overlap": 200}})
+
+
+def test_read_ahead_defaults_to_where_the_actors_run():
+    def read_ahead(detect: dict) -> int:
+        return parse_job({**MINIMAL, "detect": detect}).detect.inflight_mb_per_actor
+
+    assert read_ahead({}) == CPU_INFLIGHT_MB < GPU_INFLIGHT_MB
+    assert read_ahead({"num_gpus_per_actor": 0.5}) == GPU_INFLIGHT_MB
+    assert read_ahead({"inflight_mb_per_actor": None}) == CPU_INFLIGHT_MB
+    assert read_ahead({"num_gpus_per_actor": 1, "inflight_mb_per_actor": 32}) == 32
+    # A 1024 px tile's default read task (16 tiles) still fits the CPU default.
+    parse_job({**MINIMAL, "tiling": {"tile_size": 1024}})
+    with pytest.raises(JobSpecError, match="detect.num_gpus_per_actor"):
+        parse_job({**MINIMAL, "detect": {"num_gpus_per_actor": "many"}})
 
 
 def test_relative_paths_are_relative_to_the_job_file(tmp_path: Path):

@@ -13,6 +13,7 @@ import ray
 import yaml
 
 from pipeline.config import load_job
+from pipeline.runner import RAY_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -205,6 +206,10 @@ def test_image_is_cuda_with_the_project_and_its_jobs():
     assert "COPY jobs ./jobs" in text and "COPY pipeline ./pipeline" in text
     assert "pip install --no-cache-dir ." in text
     assert "wget" in text  # KubeRay's default readiness probes
+    # Every node (KubeRay's pods, the launcher's containers) frees store memory as promptly as
+    # an embedded Ray does.
+    for key, value in RAY_SYSTEM_CONFIG.items():
+        assert f"ENV RAY_{key}={value}" in text
 
 
 def test_readme_explains_every_manifest():
