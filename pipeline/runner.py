@@ -292,7 +292,7 @@ def start_embedded_ray(num_cpus: int | None = None, log_to_driver: bool = False)
         include_dashboard=False,
         log_to_driver=log_to_driver,
         logging_level=logging.WARNING,
-        _system_config=RAY_SYSTEM_CONFIG,
+        _system_config=dict(RAY_SYSTEM_CONFIG),  # a copy: ray.init adds its own keys to it
     )
 
 
