@@ -43,7 +43,9 @@ GDAL_OPTIONS: dict[str, str | int] = {
 }
 
 # Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.
-_GDAL_SCHEMES = {"s3", "gs", "gcs", "http", "https", "az", "azure", "file"}
+_GDAL_SCHEMES = {"s3", "gs", "http", "https", "az", "file"}
+# fsspec's other spellings of those, which rasterio would hand GDAL as plain (unreadable) paths.
+_GDAL_SPELLING = {"gcs": "gs", "azure": "az"}
 
 # Percentiles for the default scaling of non-uint8 imagery come from a sample this large.
 _SAMPLE_SIDE = 1024
@@ -57,7 +59,9 @@ def open_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
 
 
 def _open(uri: str) -> rasterio.DatasetReader:
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    scheme, _, rest = uri.partition("://") if "://" in uri else ("file", "", uri)
+    if scheme in _GDAL_SPELLING:
+        scheme, uri = _GDAL_SPELLING[scheme], f"{_GDAL_SPELLING[scheme]}://{rest}"
     if scheme in _GDAL_SCHEMES:
         return rasterio.open(uri)
     import fsspec
