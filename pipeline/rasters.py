@@ -47,8 +47,11 @@ _GDAL_SCHEMES = {"s3", "gs", "http", "https", "az", "file"}
 # fsspec's other spellings of those, which rasterio would hand GDAL as plain (unreadable) paths.
 _GDAL_SPELLING = {"gcs": "gs", "azure": "az"}
 
-# Percentiles for the default scaling of non-uint8 imagery come from a sample this large.
+# Percentiles for the default scaling of non-uint8 imagery come from a sample this large: an
+# overview about this many pixels a side, or, in a raster without overviews, this many
+# blocks down and across (8 x 8 blocks of 512 px: 16 M pixels).
 _SAMPLE_SIDE = 1024
+_SAMPLE_GRID = 8
 
 
 @contextlib.contextmanager
@@ -265,9 +268,35 @@ def _read_last_block(dataset: rasterio.DatasetReader) -> None:
 
 
 def _sample_range(dataset: rasterio.DatasetReader, bands: list[int]) -> tuple[float, float]:
-    """2–98 % range from a decimated read (GDAL serves it from an overview when there is one)."""
+    """2–98 % range of the scene's valid pixels, never from a read of the full raster.
+
+    With overviews, a decimated read (GDAL serves it from the overview nearest
+    ``_SAMPLE_SIDE`` px a side). Without, a decimated read would decode every block, so a
+    grid of blocks spread over the scene stands in for it.
+    """
     factor = max(1, max(dataset.width, dataset.height) // _SAMPLE_SIDE)
+    if factor > 1 and not dataset.overviews(bands[0]):
+        return _sample_blocks(dataset, bands)
     shape = (len(bands), max(1, dataset.height // factor), max(1, dataset.width // factor))
     sample = dataset.read(bands, out_shape=shape)
     valid = np.all(dataset.read_masks(bands, out_shape=shape) > 0, axis=0)
     return percentile_range(sample, valid)
+
+
+def _sample_blocks(dataset: rasterio.DatasetReader, bands: list[int]) -> tuple[float, float]:
+    """2–98 % range from up to ``_SAMPLE_GRID``² internal blocks, evenly spread."""
+    from rasterio.windows import Window
+
+    block_h, block_w = dataset.block_shapes[0]
+    row_blocks = np.unique(np.linspace(0, (dataset.height - 1) // block_h, _SAMPLE_GRID).round())
+    col_blocks = np.unique(np.linspace(0, (dataset.width - 1) // block_w, _SAMPLE_GRID).round())
+    samples, valid = [], []
+    for row in (int(r) * block_h for r in row_blocks):
+        for col in (int(c) * block_w for c in col_blocks):
+            window = Window(
+                col, row, min(block_w, dataset.width - col), min(block_h, dataset.height - row)
+            )
+            samples.append(dataset.read(bands, window=window).reshape(len(bands), -1))
+            masks = dataset.read_masks(bands, window=window)
+            valid.append(np.all(masks > 0, axis=0).reshape(-1))
+    return percentile_range(np.concatenate(samples, axis=1), np.concatenate(valid))

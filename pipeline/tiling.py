@@ -138,7 +138,7 @@ def default_scale_range(dtype: str) -> tuple[float, float] | None:
 def percentile_range(
     sample: np.ndarray, valid: np.ndarray, low: float = 2.0, high: float = 98.0
 ) -> tuple[float, float]:
-    """Robust input range from a (decimated) sample ``C×H×W`` over its valid pixels."""
+    """Robust input range from a sample ``C×H×W`` (or ``C×N``) over its valid pixels."""
     values = sample[:, valid.astype(bool)]
     values = values[np.isfinite(values)]
     if values.size == 0:

@@ -3,6 +3,8 @@ import pytest
 import rasterio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.enums import Resampling
+from servers import RangeServer
 
 from pipeline.errors import SceneError
 from pipeline.rasters import inspect_raster, open_raster
@@ -104,6 +106,43 @@ def test_inspect_reads_crs_transform_and_percentile_range(make_raster):
     assert info.bands == (3, 2, 1)
     assert 1000 <= info.scale_range[0] < info.scale_range[1] <= 3000
     assert info.crs_name == "EPSG:32633"
+
+
+def test_percentiles_come_from_an_overview_when_there_is_one(make_raster):
+    rng = np.random.default_rng(3)
+    path = make_raster(
+        width=2048,
+        height=2048,
+        dtype="uint16",
+        data=rng.integers(1000, 1100, size=(3, 2048, 2048)).astype("uint16"),
+    )
+    with rasterio.open(path, "r+") as dataset:
+        dataset.build_overviews([2, 4], Resampling.nearest)
+        # Full resolution rewritten, overviews left as they were: which one was read shows.
+        dataset.write(rng.integers(5000, 5100, size=(3, 2048, 2048)).astype("uint16"))
+    info = inspect_raster("ov", str(path), None, None)
+    assert 1000 <= info.scale_range[0] < info.scale_range[1] <= 1100
+
+
+def test_percentiles_without_overviews_read_a_grid_of_blocks_not_the_whole_raster(make_raster):
+    # Served over HTTP, where every byte GDAL decodes is a byte it asked for.
+    width, height = 4096, 2048  # 32 x 16 blocks of 128 px, uncompressed: 48 MB
+    gradient = np.broadcast_to(np.arange(width, dtype="uint16"), (3, height, width))
+    path = make_raster(width=width, height=height, dtype="uint16", data=gradient.copy())
+    server = RangeServer({"/scene.tif": path.read_bytes()})
+    try:
+        info = inspect_raster("big", f"{server.url}/scene.tif", None, None)
+    finally:
+        server.close()
+    size, asked = path.stat().st_size, 0
+    for method, _, header in server.requests:
+        if method == "GET":  # without a Range header, the whole file
+            first, _, last = header.removeprefix("bytes=").partition("-")
+            asked += int(last or size - 1) - int(first or 0) + 1
+    assert asked < size / 4  # an 8 x 8 grid of the 512 blocks, and the header
+    # The gradient's 2-98 % range is 82..4013; the blocks' sample lands near it.
+    lo, hi = info.scale_range
+    assert abs(lo - 0.02 * width) < 0.05 * width and abs(hi - 0.98 * width) < 0.05 * width
 
 
 def test_single_band_is_repeated_to_three(make_raster):
