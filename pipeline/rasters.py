@@ -19,10 +19,8 @@ from rasterio.errors import RasterioError
 from pipeline.errors import SceneError
 from pipeline.tiling import default_scale_range, percentile_range
 
-# Read COGs with few, large range requests and never list directories to find sidecars.
+# Read COGs with few, large range requests.
 GDAL_OPTIONS: dict[str, str | int] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "GDAL_HTTP_MAX_RETRY": 5,
@@ -42,6 +40,14 @@ GDAL_OPTIONS: dict[str, str | int] = {
     "GDAL_CACHEMAX": 16 * 2**20,
 }
 
+# Remote rasters only: never list a prefix (an archive's folder can hold 100k objects) nor
+# probe for sidecars. Local files keep theirs: a .msk mask or .ovr overviews beside a GeoTIFF
+# are part of it (EMPTY_DIR everywhere had GDAL ignore them).
+REMOTE_GDAL_OPTIONS: dict[str, str | int] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.vrt,.jp2",
+}
+
 # Schemes GDAL reads itself (its /vsi* handlers, range requests in C); others go through fsspec.
 _GDAL_SCHEMES = {"s3", "gs", "http", "https", "az", "file"}
 # fsspec's other spellings of those, which rasterio would hand GDAL as plain (unreadable) paths.
@@ -54,10 +60,16 @@ _SAMPLE_SIDE = 1024
 _SAMPLE_GRID = 8
 
 
+def gdal_options(uri: str) -> dict[str, str | int]:
+    """The GDAL settings for reading ``uri``: every raster's, and remote ones' own."""
+    local = "://" not in uri or uri.startswith("file://")
+    return GDAL_OPTIONS if local else {**GDAL_OPTIONS, **REMOTE_GDAL_OPTIONS}
+
+
 @contextlib.contextmanager
 def open_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
     """Open a raster for reading, by GDAL's own handlers where it has them."""
-    with rasterio.Env(**GDAL_OPTIONS), _open(uri) as dataset:
+    with rasterio.Env(**gdal_options(uri)), _open(uri) as dataset:
         yield dataset
 
 
@@ -86,7 +98,7 @@ _MAX_OPEN_DATASETS = 4
 @contextlib.contextmanager
 def open_shared_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
     """Like :func:`open_raster`, but the dataset stays open for this process's next reads."""
-    with rasterio.Env(**GDAL_OPTIONS):
+    with rasterio.Env(**gdal_options(uri)):
         dataset = _OPEN_DATASETS.pop(uri, None)
         if dataset is None or dataset.closed:
             dataset = _open(uri)

@@ -98,6 +98,22 @@ def test_nodata_is_invalid_and_zeroed(make_raster):
     assert (image[:, :, 20:] == 127).all() and (image[:, :, :20] == 0).all()
 
 
+@pytest.mark.parametrize("internal", [True, False], ids=["internal mask", ".msk sidecar"])
+def test_a_dataset_mask_is_honoured_like_nodata(make_raster, internal):
+    path = make_raster(width=64, height=64, data=np.full((3, 64, 64), 200, np.uint8))
+    mask = np.full((64, 64), 255, np.uint8)
+    mask[40:, :] = 0  # e.g. the scene's footprint ends here
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=internal), rasterio.open(path, "r+") as dst:
+        dst.write_mask(mask)
+    assert path.with_suffix(".tif.msk").exists() != internal
+    with open_raster(str(path)) as dataset:
+        image, valid = read_tile(
+            dataset, plan_tiles(64, 64, 64, 0)[0].window, [1, 2, 3], (0.0, 255.0)
+        )
+    assert valid[:40].all() and not valid[40:].any()
+    assert (image[:, :40] == 200).all() and (image[:, 40:] == 0).all()
+
+
 def test_inspect_reads_crs_transform_and_percentile_range(make_raster):
     rng = np.random.default_rng(1)
     data = rng.integers(1000, 3000, size=(4, 200, 200)).astype("uint16")
@@ -268,6 +284,27 @@ def test_gcp_only_raster_is_refused_with_the_fix(tmp_path):
         dst.write(np.zeros((3, 64, 64), np.uint8))
     with pytest.raises(SceneError, match="GCPs or RPCs.*gdalwarp"):
         inspect_raster("g", str(path), None, None)
+
+
+def test_rpc_only_raster_is_refused_with_the_fix(tmp_path):
+    from rasterio.rpc import RPC
+
+    path = tmp_path / "rpcs.tif"
+    # A plausible RPC00B model (a 64 px image near 42 N, 15 E): only its presence matters.
+    rpcs = RPC(
+        height_off=100.0, height_scale=500.0, lat_off=42.0, lat_scale=0.01,
+        line_den_coeff=[1.0] + [0.0] * 19, line_num_coeff=[0.0, 0.0, -1.0] + [0.0] * 17,
+        line_off=32.0, line_scale=32.0, long_off=15.0, long_scale=0.01,
+        samp_den_coeff=[1.0] + [0.0] * 19, samp_num_coeff=[0.0, 1.0] + [0.0] * 18,
+        samp_off=32.0, samp_scale=32.0,
+    )  # fmt: skip
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+    with rasterio.open(path, "w", **profile, rpcs=rpcs) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    with rasterio.open(path) as dataset:
+        assert dataset.rpcs is not None and dataset.transform.is_identity
+    with pytest.raises(SceneError, match="rpc.*GCPs or RPCs.*gdalwarp"):
+        inspect_raster("rpc", str(path), None, None)
 
 
 def test_float32_with_nan_is_invalid_there_and_scaled_by_percentiles(make_raster):
