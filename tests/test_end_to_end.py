@@ -106,9 +106,16 @@ def test_default_output_is_lon_lat_and_duckdb_agrees(ray_session, planted_scene,
     assert (count, crs, scene_crs) == (len(objects), "OGC:CRS84", "EPSG:32633")
 
 
-def test_rotated_raster_maps_through_the_full_affine(ray_session, tmp_path):
+@pytest.mark.parametrize(
+    "rotated",
+    [
+        Affine.translation(500_000, 4_650_000) @ Affine.rotation(25) @ Affine.scale(0.5, -0.5),
+        Affine.translation(500_000, 4_650_000) @ Affine.scale(0.5, 0.5),  # south-up: rows go north
+    ],
+    ids=["rotated 25 degrees", "south-up"],
+)
+def test_rotated_raster_maps_through_the_full_affine(ray_session, tmp_path, rotated):
     objects = plan_objects(600, TILE, OVERLAP, count=12, seed=5, max_side=30)
-    rotated = Affine.translation(500_000, 4_650_000) @ Affine.rotation(25) @ Affine.scale(0.5, -0.5)
     path = tmp_path / "rotated.tif"
     write_scene(path, 600, objects, seed=5, block=128, overviews=False)
     import rasterio
@@ -120,7 +127,10 @@ def test_rotated_raster_maps_through_the_full_affine(ray_session, tmp_path):
     )
     frame = geopandas.read_parquet(report.scenes[0].output)
     assert len(frame) == len(objects)
-    for geometry, row in zip(frame.geometry, frame.itertuples(), strict=False):
+    assert frame.geometry.is_valid.all() and (frame.geometry.area > 0).all()
+    boxes = frame[["pixel_xmin", "pixel_ymin", "pixel_xmax", "pixel_ymax"]].to_numpy()
+    assert match_planted(objects, boxes, iou_threshold=0.99) == (len(objects), len(objects))
+    for geometry, row in zip(frame.geometry, frame.itertuples(), strict=True):
         corner = rotated * (row.pixel_xmin, row.pixel_ymin)
         assert (
             min(np.hypot(x - corner[0], y - corner[1]) for x, y in geometry.exterior.coords) < 1e-6
