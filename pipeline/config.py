@@ -123,6 +123,12 @@ class TilingSettings(_Strict):
         description="Longest a scene's pre-flight, or one read task of it, may take; past it "
         "the scene fails with a timeout (a hung server or mount) and the others go on.",
     )
+    allow_pixel_coordinates: bool = Field(
+        False,
+        description="A scene with no CRS or no geotransform (a drone photo, a scan): false "
+        "fails it with a clear error; true detects on it anyway, its rows with their pixel "
+        "boxes only (geometry, bbox and scene_crs null).",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingSettings:

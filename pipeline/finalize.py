@@ -90,8 +90,13 @@ def gather_candidates(
     )
 
 
-def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> np.ndarray:
-    """Box rings in the output CRS: affine to the scene's CRS, then one pyproj call."""
+def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> np.ndarray | None:
+    """Box rings in the output CRS: affine to the scene's CRS, then one pyproj call.
+
+    None for a scene in pixel coordinates only (no CRS or geotransform to map them by).
+    """
+    if info.crs_wkt is None:
+        return None
     rings = box_rings(pixel_boxes, info.transform)
     source, target = CRS.from_wkt(info.crs_wkt), CRS.from_user_input(output_crs)
     if len(rings) and source != target:

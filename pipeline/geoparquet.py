@@ -131,7 +131,7 @@ class SceneRows:
 
     scene_id: str
     scene_uri: str
-    scene_crs: str
+    scene_crs: str | None
     acquired_at: datetime | None
     model_id: str
     run_id: str
@@ -140,7 +140,7 @@ class SceneRows:
     class_names: list[str]
     scores: np.ndarray
     pixel_boxes: np.ndarray  # (n, 4) scene pixels
-    rings: np.ndarray  # (n, 5, 2) closed rings in the output CRS
+    rings: np.ndarray | None  # (n, 5, 2) closed rings in the output CRS; None: pixels only
     stac_item_id: str | None = None
 
 
@@ -167,15 +167,29 @@ def split_at_antimeridian(polygons: np.ndarray, rings: np.ndarray) -> np.ndarray
 
 
 def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 0) -> pa.Table:
-    """Arrow table in Hilbert order with GeoParquet metadata; ``geo.bbox`` from the data."""
+    """Arrow table in Hilbert order with GeoParquet metadata; ``geo.bbox`` from the data.
+
+    A scene in pixel coordinates only (``rows.rings`` None) gets null geometries and bboxes,
+    in Hilbert order of its pixel boxes.
+    """
     count = len(rows.scores)
-    polygons = shapely.polygons(rows.rings)
-    if crs_projjson.get("type") == "GeographicCRS":
-        polygons = split_at_antimeridian(polygons, rows.rings)
-    polygons = shapely.orient_polygons(polygons, exterior_cw=False)
-    bounds = shapely.bounds(polygons).reshape(count, 4)
-    order = hilbert_order(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    polygons, bounds = polygons[order], bounds[order]
+    if rows.rings is None:
+        order = hilbert_order(*rows.pixel_boxes.reshape(count, 4).T)
+        geometry, bbox = pa.nulls(count, pa.binary()), pa.nulls(count, BBOX_TYPE)
+        extent, types = [], []
+    else:
+        polygons = shapely.polygons(rows.rings)
+        if crs_projjson.get("type") == "GeographicCRS":
+            polygons = split_at_antimeridian(polygons, rows.rings)
+        polygons = shapely.orient_polygons(polygons, exterior_cw=False)
+        bounds = shapely.bounds(polygons).reshape(count, 4)
+        order = hilbert_order(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+        polygons, bounds = polygons[order], bounds[order]
+        geometry = pa.array(shapely.to_wkb(polygons, output_dimension=2), pa.binary())
+        bbox = pa.StructArray.from_arrays(
+            [pa.array(bounds[:, i], pa.float64()) for i in range(4)], fields=list(BBOX_TYPE)
+        )
+        extent, types = _extent_and_types(polygons, bounds)
     pixel = rows.pixel_boxes[order].astype(np.float32)
     acquired = rows.acquired_at
     if acquired is not None and acquired.tzinfo is None:
@@ -186,11 +200,8 @@ def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 
         "class_id": pa.array(rows.class_ids[order].astype(np.int16)),
         "class_name": pa.array([rows.class_names[i] for i in order], pa.string()),
         "score": pa.array(rows.scores[order].astype(np.float32)),
-        "geometry": pa.array(shapely.to_wkb(polygons, output_dimension=2), pa.binary()),
-        "bbox": pa.StructArray.from_arrays(
-            [pa.array(bounds[:, i], pa.float64()) for i in range(4)],
-            fields=list(BBOX_TYPE),
-        ),
+        "geometry": geometry,
+        "bbox": bbox,
         "pixel_xmin": pa.array(pixel[:, 0]),
         "pixel_ymin": pa.array(pixel[:, 1]),
         "pixel_xmax": pa.array(pixel[:, 2]),
@@ -203,18 +214,21 @@ def detections_table(rows: SceneRows, crs_projjson: dict, row_group_hint: int = 
         "run_id": pa.array([rows.run_id] * count, pa.string()),
     }
     table = pa.table(columns, schema=SCHEMA)
-    if count:
-        extent = [
-            float(bounds[:, 0].min()),
-            float(bounds[:, 1].min()),
-            float(bounds[:, 2].max()),
-            float(bounds[:, 3].max()),
-        ]
-        types = sorted({_TYPE_NAMES[int(t)] for t in np.unique(shapely.get_type_id(polygons))})
-    else:
-        extent, types = [], []
     meta = geo_metadata(crs_projjson, extent, types)
     return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
+
+
+def _extent_and_types(polygons: np.ndarray, bounds: np.ndarray) -> tuple[list, list]:
+    if len(polygons) == 0:
+        return [], []
+    extent = [
+        float(bounds[:, 0].min()),
+        float(bounds[:, 1].min()),
+        float(bounds[:, 2].max()),
+        float(bounds[:, 3].max()),
+    ]
+    types = sorted({_TYPE_NAMES[int(t)] for t in np.unique(shapely.get_type_id(polygons))})
+    return extent, types
 
 
 def write_parquet_atomic(table: pa.Table, uri: str, row_group_size: int) -> None:
@@ -283,9 +297,11 @@ class SceneFileWriter:
             return
         geo = json.loads(chunk.schema.metadata[b"geo"])["columns"]["geometry"]
         self._types.update(geo["geometry_types"])
-        box = geo["bbox"]
+        box = geo.get("bbox")  # none for a scene in pixel coordinates only
         self._extent = (
-            box
+            self._extent
+            if box is None
+            else box
             if not self._extent
             else [
                 min(self._extent[0], box[0]),
@@ -302,8 +318,12 @@ class SceneFileWriter:
     def _flush(self, rows: int) -> None:
         table = pa.concat_tables(self._buffer)
         group, rest = table.slice(0, rows), table.slice(rows)
+        corners = ("xmin", "ymin", "xmax", "ymax")
         bbox = group.column("bbox").combine_chunks()
-        order = hilbert_order(*(bbox.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")))
+        if bbox.null_count:  # a scene in pixel coordinates only: no bbox, order by pixels
+            order = hilbert_order(*(group.column(f"pixel_{k}").to_numpy() for k in corners))
+        else:
+            order = hilbert_order(*(bbox.field(k).to_numpy() for k in corners))
         self._writer.write_table(group.take(order), row_group_size=rows)
         self.rows += group.num_rows
         self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows

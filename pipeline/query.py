@@ -414,6 +414,7 @@ def count_detections(
 def with_geo_metadata(table: pa.Table, found: Detections) -> pa.Table:
     """The table with the dataset's ``geo`` metadata, its extent that of these rows."""
     geometries = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    geometries = geometries[~shapely.is_missing(geometries)]  # scenes in pixel coordinates
     extent = [float(v) for v in shapely.total_bounds(geometries)] if len(geometries) else []
     column = (found.geo or {}).get("columns", {}).get("geometry", {})
     meta = geo_metadata(found.crs.to_json_dict(), extent, column.get("geometry_types", []))
@@ -469,7 +470,8 @@ def render_geojson(table: pa.Table, crs: CRS) -> bytes:
     features = [
         {
             "type": "Feature",
-            "geometry": json.loads(shapely.to_geojson(geometry)),
+            # null for a scene in pixel coordinates only (RFC 7946 allows an unlocated feature)
+            "geometry": None if geometry is None else json.loads(shapely.to_geojson(geometry)),
             "properties": {k: _jsonable(v) for k, v in props.items()},
         }
         for geometry, props in zip(geometries, properties, strict=True)

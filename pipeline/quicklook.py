@@ -254,11 +254,11 @@ def render_run_map(scene_outputs: Sequence[str], destination: str) -> str | None
     Two passes, so memory holds one file's boxes at a time: the files' footers give the
     extent (GeoParquet ``bbox``), then each file's ``bbox`` column is binned into the picture.
     """
-    datasets = [open_detections(uri) for uri in scene_outputs]
-    extents = []
-    for found in datasets:
+    datasets, extents = [], []
+    for found in (open_detections(uri) for uri in scene_outputs):
         bbox = (found.geo or {}).get("columns", {}).get("geometry", {}).get("bbox")
-        if bbox:  # an empty scene has none
+        if bbox:  # an empty scene has none, nor one in pixel coordinates only
+            datasets.append(found)
             extents.append(bbox)
     if not extents:
         return None

@@ -127,8 +127,8 @@ class RasterInfo:
     height: int
     count: int
     dtype: str
-    crs_wkt: str
-    crs_name: str
+    crs_wkt: str | None  # None: pixel coordinates only (tiling.allow_pixel_coordinates)
+    crs_name: str | None
     transform: tuple[float, float, float, float, float, float]
     bands: tuple[int, ...]
     scale_range: tuple[float, float]
@@ -175,10 +175,12 @@ def inspect_raster(
     uri: str,
     bands: list[int] | None,
     scale_range: tuple[float, float] | None,
+    allow_pixel_coordinates: bool = False,
 ) -> RasterInfo:
     """Open a scene, check it can be processed, and read its last block.
 
     Reading the last block makes a truncated file fail here, in seconds, not hours later.
+    A scene with no CRS or geotransform fails, unless ``allow_pixel_coordinates``.
 
     Raises:
         SceneError: naming the scene and what is wrong with it.
@@ -191,14 +193,24 @@ def inspect_raster(
                     "is georeferenced only by GCPs or RPCs; warp it to a regular grid "
                     "first (e.g. gdalwarp -t_srs EPSG:32633 in.tif out.tif)",
                 )
-            if dataset.crs is None:
-                raise SceneError(scene_id, "has no CRS; georeference it or pick another file")
-            if dataset.transform.is_identity:
-                raise SceneError(scene_id, "has no geotransform (pixel coordinates only)")
+            ungeoreferenced = (
+                "has no CRS"
+                if dataset.crs is None
+                else "has no geotransform (pixel coordinates only)"
+                if dataset.transform.is_identity
+                else None
+            )
+            if ungeoreferenced and not allow_pixel_coordinates:
+                raise SceneError(
+                    scene_id,
+                    f"{ungeoreferenced}; georeference it, or set tiling.allow_pixel_coordinates "
+                    "to detect in pixel coordinates only",
+                )
+            georeferenced = ungeoreferenced is None
             interp = dataset.colorinterp
             alpha = [i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha]
             if interp[0] == ColorInterp.palette:
-                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset))
+                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset), georeferenced)
             color_bands = [b for b in range(1, dataset.count + 1) if b not in alpha]
             try:
                 chosen = tuple(bands) if bands else _default_bands(color_bands)
@@ -218,7 +230,7 @@ def inspect_raster(
             scale = scale_range or default_scale_range(dataset.dtypes[0])
             if scale is None:
                 scale = _sample_range(dataset, list(chosen))
-            return _info(dataset, chosen, scale, None)
+            return _info(dataset, chosen, scale, None, georeferenced)
     except SceneError:
         raise
     except (RasterioError, OSError) as error:
@@ -231,14 +243,16 @@ def inspect_raster_within(
     bands: list[int] | None,
     scale_range: tuple[float, float] | None,
     timeout_s: float,
+    allow_pixel_coordinates: bool = False,
 ) -> RasterInfo:
     """:func:`inspect_raster`, failing the scene when it takes longer than ``timeout_s``."""
     from pipeline.deadline import call_with_deadline
 
+    def inspect() -> RasterInfo:
+        return inspect_raster(scene_id, uri, bands, scale_range, allow_pixel_coordinates)
+
     try:
-        return call_with_deadline(
-            lambda: inspect_raster(scene_id, uri, bands, scale_range), timeout_s, "pre-flight"
-        )
+        return call_with_deadline(inspect, timeout_s, "pre-flight")
     except TimeoutError as error:
         raise SceneError(
             scene_id,
@@ -252,6 +266,7 @@ def _info(
     bands: tuple[int, ...],
     scale: tuple[float, float],
     palette: tuple[int, ...] | None,
+    georeferenced: bool = True,
 ) -> RasterInfo:
     _read_last_block(dataset)
     return RasterInfo(
@@ -259,8 +274,8 @@ def _info(
         height=dataset.height,
         count=dataset.count,
         dtype=dataset.dtypes[0],
-        crs_wkt=dataset.crs.to_wkt(),
-        crs_name=dataset.crs.to_string(),
+        crs_wkt=dataset.crs.to_wkt() if georeferenced else None,
+        crs_name=dataset.crs.to_string() if georeferenced else None,
         transform=tuple(dataset.transform)[:6],
         bands=bands,
         scale_range=(float(scale[0]), float(scale[1])),

@@ -17,13 +17,15 @@ _GEOD = Geod(ellps="WGS84")
 
 
 def footprint_km2(
-    width: int, height: int, transform: tuple[float, ...], crs_wkt: str, per_side: int = 16
+    width: int, height: int, transform: tuple[float, ...], crs_wkt: str | None, per_side: int = 16
 ) -> float:
     """Geodesic area of a raster's footprint (its pixel grid's outline, densified), in km².
 
     Any CRS: the outline goes to longitude/latitude and the area is taken on the ellipsoid,
     so UTM metres, degrees and rotated grids all count alike. 0.0 when it cannot be mapped.
     """
+    if crs_wkt is None:
+        return 0.0
     a, b, c, d, e, f = transform[:6]
     steps = np.linspace(0.0, 1.0, per_side, endpoint=False)
     cols = np.concatenate(

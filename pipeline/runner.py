@@ -25,7 +25,7 @@ import pyarrow.compute  # noqa: F401 - registers pa.compute
 import ray
 from rasterio.windows import Window
 
-from pipeline.config import JobSpec
+from pipeline.config import JobSpec, TilingSettings
 from pipeline.detect import TileDetections, detect_tiles, make_detector
 from pipeline.errors import GeoRetinaError, SceneError
 from pipeline.finalize import SceneContext, SceneStream, SceneWritten, scene_output_uri
@@ -73,10 +73,15 @@ TASK_RETRIES = 3
 
 
 @ray.remote(num_cpus=0.25, max_retries=2)
-def _inspect(
-    scene: Scene, bands: list[int] | None, scale: tuple | None, timeout_s: float
-) -> RasterInfo:
-    return inspect_raster_within(scene.scene_id, scene.uri, bands, scale, timeout_s)
+def _inspect(scene: Scene, tiling: TilingSettings) -> RasterInfo:
+    return inspect_raster_within(
+        scene.scene_id,
+        scene.uri,
+        tiling.bands,
+        tiling.scale_range,
+        tiling.read_timeout_s,
+        tiling.allow_pixel_coordinates,
+    )
 
 
 def read_chunk(
@@ -396,12 +401,7 @@ def run_job(
 
     # Pre-flight every scene in parallel: a bad file fails here, in seconds.
     tiling = spec.tiling
-    info_refs = [
-        None
-        if s.problem
-        else _inspect.remote(s, tiling.bands, tiling.scale_range, tiling.read_timeout_s)
-        for s in todo
-    ]
+    info_refs = [None if s.problem else _inspect.remote(s, tiling) for s in todo]
     pending: dict[str, _PendingScene] = {}
     items: list[dict] = []
     merge_options = MergeOptions(

@@ -137,6 +137,46 @@ def test_rotated_raster_maps_through_the_full_affine(ray_session, tmp_path, rota
         )
 
 
+def test_a_scene_without_georeferencing_keeps_pixel_boxes_when_the_job_allows_it(
+    ray_session, planted_scene, tmp_path
+):
+    import rasterio
+
+    path, objects, _ = planted_scene
+    photo = tmp_path / "photo.tif"  # the same pixels, no CRS and no geotransform: a drone photo
+    with rasterio.open(path) as source:
+        profile = {k: source.profile[k] for k in ("width", "height", "count", "dtype")}
+        with rasterio.open(photo, "w", driver="GTiff", tiled=True, **profile) as target:
+            target.write(source.read())
+    job = threshold_job([path, photo], tmp_path / "out", crs="EPSG:32633")
+    refused = run_job(parse_job(job), progress=quiet)
+    status = {Path(s.uri).name: (s.status, s.error) for s in refused.scenes}
+    assert status["planted.tif"][0] == "done" and status["photo.tif"][0] == "failed"
+    assert (
+        "has no CRS; georeference it, or set tiling.allow_pixel_coordinates"
+        in status["photo.tif"][1]
+    )
+
+    job["tiling"] = {**job["tiling"], "allow_pixel_coordinates": True}
+    report = run_job(parse_job(job), force=True, progress=quiet)
+    assert report.count("done") == 2, report.scenes
+    frame = geopandas.read_parquet(tmp_path / "out" / "detections")
+    in_pixels = frame[frame.scene_uri.str.endswith("photo.tif")]
+    located = frame[frame.scene_uri.str.endswith("planted.tif")]
+    assert len(in_pixels) == len(located) == len(objects)
+    assert in_pixels.geometry.isna().all() and in_pixels.scene_crs.isna().all()
+    assert located.geometry.notna().all() and (located.scene_crs == "EPSG:32633").all()
+    boxes = in_pixels[["pixel_xmin", "pixel_ymin", "pixel_xmax", "pixel_ymax"]].to_numpy()
+    assert match_planted(objects, boxes, iou_threshold=0.99) == (len(objects), len(objects))
+
+    pattern = str(tmp_path / "out" / "detections" / "*.parquet")
+    ((unlocated, no_bbox, total),) = duckdb.execute(
+        "select count(*) filter (where geometry is null), count(*) filter (where bbox.xmin is "
+        f"null), count(*) from read_parquet('{pattern}')"
+    ).fetchall()
+    assert (unlocated, no_bbox, total) == (len(objects), len(objects), 2 * len(objects))
+
+
 def test_bad_scenes_fail_by_name_and_the_rest_is_done(
     ray_session, planted_scene, make_raster, tmp_path
 ):

@@ -181,6 +181,19 @@ def test_bad_rasters_fail_with_the_scene_named(make_raster, kwargs, message):
     assert "bad-scene" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"crs": None}, {"transform": None}], ids=["no CRS", "no transform"]
+)
+def test_ungeoreferenced_rasters_are_read_in_pixels_only_when_the_job_allows_it(
+    make_raster, kwargs
+):
+    path = make_raster(**kwargs)
+    with pytest.raises(SceneError, match="photo.*set tiling.allow_pixel_coordinates"):
+        inspect_raster("photo", str(path), None, None)
+    info = inspect_raster("photo", str(path), None, None, allow_pixel_coordinates=True)
+    assert info.crs_wkt is None and info.crs_name is None and info.bands == (1, 2, 3)
+
+
 def test_band_out_of_range(make_raster):
     path = make_raster(count=3)
     with pytest.raises(SceneError, match=r"asks for \[4\]"):
