@@ -51,7 +51,9 @@ INFO = RasterInfo(
 )
 
 
-def write_scene(tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500) -> Path:
+def write_scene(
+    tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500, info: RasterInfo = INFO
+) -> Path:
     """Write one scene of ``count`` random boxes through the real merge and write path."""
     rng = np.random.default_rng(0)
     x0 = rng.uniform(0, 900, count)
@@ -66,7 +68,7 @@ def write_scene(tmp_path: Path, crs: str = "OGC:CRS84", count: int = 500) -> Pat
     context = SceneContext(
         scene_id="s1",
         scene_uri="/data/s1.tif",
-        info=INFO,
+        info=info,
         tile_size=1000,
         edge_tolerance=2.0,
         merge=MergeOptions(),
@@ -105,6 +107,23 @@ def test_an_empty_scene_is_valid_geoparquet(tmp_path):
     geo_validator().validate(meta)
     assert meta["columns"]["geometry"]["geometry_types"] == []
     assert len(geopandas.read_parquet(path)) == 0
+
+
+def test_a_scene_in_pixel_coordinates_only_is_valid_geoparquet_with_null_geometry(tmp_path):
+    from dataclasses import replace
+
+    pixels_only = replace(INFO, crs_wkt=None, crs_name=None, transform=(1, 0, 0, 0, 1, 0))
+    path = write_scene(tmp_path, count=500, info=pixels_only)  # row groups of 100
+    meta = json.loads(pq.read_schema(path).metadata[b"geo"])
+    geo_validator().validate(meta)
+    assert "bbox" not in meta["columns"]["geometry"]
+    table = pq.read_table(path)
+    assert table.num_rows > 400 and pq.ParquetFile(path).num_row_groups > 1
+    for name in ("geometry", "bbox", "scene_crs"):
+        assert table.column(name).null_count == table.num_rows
+    assert table.column("pixel_xmin").null_count == 0
+    frame = geopandas.read_parquet(path)
+    assert frame.geometry.isna().all() and frame.crs == "OGC:CRS84"
 
 
 def test_the_shipped_example_validates_so_the_validator_is_real():
