@@ -205,8 +205,37 @@ def test_truncated_file_fails_in_preflight(make_raster, tmp_path):
     blob = path.read_bytes()
     broken = tmp_path / "broken.tif"
     broken.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(SceneError, match="broken"):
+    with rasterio.open(broken) as dataset:  # the header is whole: opening alone passes
+        assert dataset.width == 512
+    # The pre-flight's read of the last block is what finds it.
+    with pytest.raises(SceneError, match="scene broken: cannot be read as a raster"):
         inspect_raster("broken", str(broken), None, None)
+
+
+def test_tiles_carry_the_chosen_bands_in_the_chosen_order(make_raster):
+    data = np.stack([np.full((64, 64), 10 * (b + 1), np.uint8) for b in range(4)])  # 10..40
+    # MINISBLACK: a 4-band RGB GeoTIFF's 4th band would be alpha by GDAL's default.
+    path = make_raster(width=64, height=64, count=4, data=data, photometric="MINISBLACK")
+    info = inspect_raster("s", str(path), [4, 2, 1], None)
+    with open_raster(str(path)) as dataset:
+        image, _ = read_tile(
+            dataset, plan_tiles(64, 64, 64, 0)[0].window, list(info.bands), info.scale_range
+        )
+    assert [int(channel.max()) for channel in image] == [40, 20, 10]
+    assert [int(channel.min()) for channel in image] == [40, 20, 10]
+
+
+def test_a_worker_reads_a_scene_through_one_open_dataset(make_raster):
+    from pipeline.rasters import close_shared_rasters, open_shared_raster
+
+    path = str(make_raster())
+    close_shared_rasters()
+    with open_shared_raster(path) as first:
+        pass
+    with open_shared_raster(path) as second:
+        assert second is first and not second.closed
+    close_shared_rasters()
+    assert first.closed
 
 
 def test_not_a_raster(tmp_path):
