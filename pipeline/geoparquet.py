@@ -298,18 +298,11 @@ class SceneFileWriter:
         geo = json.loads(chunk.schema.metadata[b"geo"])["columns"]["geometry"]
         self._types.update(geo["geometry_types"])
         box = geo.get("bbox")  # none for a scene in pixel coordinates only
-        self._extent = (
-            self._extent
-            if box is None
-            else box
-            if not self._extent
-            else [
-                min(self._extent[0], box[0]),
-                min(self._extent[1], box[1]),
-                max(self._extent[2], box[2]),
-                max(self._extent[3], box[3]),
-            ]
-        )
+        if box and self._extent:
+            low, high = np.minimum(self._extent[:2], box[:2]), np.maximum(self._extent[2:], box[2:])
+            self._extent = [float(v) for v in (*low, *high)]
+        elif box:
+            self._extent = box
         self._buffer.append(chunk.replace_schema_metadata(None))
         self._buffered += chunk.num_rows
         while self._buffered >= self.row_group_size:

@@ -60,9 +60,18 @@ _SAMPLE_SIDE = 1024
 _SAMPLE_GRID = 8
 
 
+def _scheme(uri: str) -> tuple[str, str]:
+    """``(scheme, uri)``, with fsspec's other spellings of GDAL's schemes made GDAL's own."""
+    scheme, _, rest = uri.partition("://") if "://" in uri else ("file", "", uri)
+    if scheme in _GDAL_SPELLING:
+        scheme = _GDAL_SPELLING[scheme]
+        return scheme, f"{scheme}://{rest}"
+    return scheme, uri
+
+
 def gdal_options(uri: str) -> dict[str, str | int]:
     """The GDAL settings for reading ``uri``: every raster's, and remote ones' own."""
-    local = "://" not in uri or uri.startswith("file://")
+    local = _scheme(uri)[0] == "file"
     return GDAL_OPTIONS if local else {**GDAL_OPTIONS, **REMOTE_GDAL_OPTIONS}
 
 
@@ -74,11 +83,9 @@ def open_raster(uri: str) -> Iterator[rasterio.DatasetReader]:
 
 
 def _open(uri: str) -> rasterio.DatasetReader:
-    scheme, _, rest = uri.partition("://") if "://" in uri else ("file", "", uri)
-    if scheme in _GDAL_SPELLING:
-        scheme, uri = _GDAL_SPELLING[scheme], f"{_GDAL_SPELLING[scheme]}://{rest}"
+    scheme, gdal_uri = _scheme(uri)
     if scheme in _GDAL_SCHEMES:
-        return rasterio.open(uri)
+        return rasterio.open(gdal_uri)
     import fsspec
 
     # Every read of an opener is a Python call: VSI_CACHE (set when the handle opens) turns
@@ -193,24 +200,17 @@ def inspect_raster(
                     "is georeferenced only by GCPs or RPCs; warp it to a regular grid "
                     "first (e.g. gdalwarp -t_srs EPSG:32633 in.tif out.tif)",
                 )
-            ungeoreferenced = (
-                "has no CRS"
-                if dataset.crs is None
-                else "has no geotransform (pixel coordinates only)"
-                if dataset.transform.is_identity
-                else None
-            )
-            if ungeoreferenced and not allow_pixel_coordinates:
+            missing = _missing_georeference(dataset)
+            if missing and not allow_pixel_coordinates:
                 raise SceneError(
                     scene_id,
-                    f"{ungeoreferenced}; georeference it, or set tiling.allow_pixel_coordinates "
+                    f"{missing}; georeference it, or set tiling.allow_pixel_coordinates "
                     "to detect in pixel coordinates only",
                 )
-            georeferenced = ungeoreferenced is None
             interp = dataset.colorinterp
             alpha = [i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha]
             if interp[0] == ColorInterp.palette:
-                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset), georeferenced)
+                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset))
             color_bands = [b for b in range(1, dataset.count + 1) if b not in alpha]
             try:
                 chosen = tuple(bands) if bands else _default_bands(color_bands)
@@ -230,7 +230,7 @@ def inspect_raster(
             scale = scale_range or default_scale_range(dataset.dtypes[0])
             if scale is None:
                 scale = _sample_range(dataset, list(chosen))
-            return _info(dataset, chosen, scale, None, georeferenced)
+            return _info(dataset, chosen, scale, None)
     except SceneError:
         raise
     except (RasterioError, OSError) as error:
@@ -266,9 +266,9 @@ def _info(
     bands: tuple[int, ...],
     scale: tuple[float, float],
     palette: tuple[int, ...] | None,
-    georeferenced: bool = True,
 ) -> RasterInfo:
     _read_last_block(dataset)
+    georeferenced = _missing_georeference(dataset) is None
     return RasterInfo(
         width=dataset.width,
         height=dataset.height,
@@ -282,6 +282,15 @@ def _info(
         acquired_at=_acquired_at(dataset.tags()),
         palette=palette,
     )
+
+
+def _missing_georeference(dataset: rasterio.DatasetReader) -> str | None:
+    """What keeps the scene's pixels off the map, or None when it is georeferenced."""
+    if dataset.crs is None:
+        return "has no CRS"
+    if dataset.transform.is_identity:
+        return "has no geotransform (pixel coordinates only)"
+    return None
 
 
 def _read_last_block(dataset: rasterio.DatasetReader) -> None:
@@ -312,17 +321,13 @@ def _sample_range(dataset: rasterio.DatasetReader, bands: list[int]) -> tuple[fl
 
 def _sample_blocks(dataset: rasterio.DatasetReader, bands: list[int]) -> tuple[float, float]:
     """2–98 % range from up to ``_SAMPLE_GRID``² internal blocks, evenly spread."""
-    from rasterio.windows import Window
-
     block_h, block_w = dataset.block_shapes[0]
-    row_blocks = np.unique(np.linspace(0, (dataset.height - 1) // block_h, _SAMPLE_GRID).round())
-    col_blocks = np.unique(np.linspace(0, (dataset.width - 1) // block_w, _SAMPLE_GRID).round())
+    rows = np.unique(np.linspace(0, (dataset.height - 1) // block_h, _SAMPLE_GRID).round())
+    cols = np.unique(np.linspace(0, (dataset.width - 1) // block_w, _SAMPLE_GRID).round())
     samples, valid = [], []
-    for row in (int(r) * block_h for r in row_blocks):
-        for col in (int(c) * block_w for c in col_blocks):
-            window = Window(
-                col, row, min(block_w, dataset.width - col), min(block_h, dataset.height - row)
-            )
+    for row in rows.astype(int):
+        for col in cols.astype(int):
+            window = dataset.block_window(bands[0], row, col)  # clipped at the edges
             samples.append(dataset.read(bands, window=window).reshape(len(bands), -1))
             masks = dataset.read_masks(bands, window=window)
             valid.append(np.all(masks > 0, axis=0).reshape(-1))
