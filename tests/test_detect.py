@@ -240,7 +240,7 @@ def test_batched_postprocess_returns_torchvisions_boxes(knobs, one_nms_call):
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA GPU visible: the GPU path runs on one with `bash bench/gpu_check.sh`",
+    reason="needs a CUDA GPU and none is visible here; on a GPU machine: bash bench/gpu_check.sh",
 )
 
 
