@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Rebuilds models/demo_r18_c4.safetensors (shipped): synthetic scenes, then georetina train.
 demo-model: $(STAMP)
-	$(BIN)/python -m pipeline.synthetic demo-output/train
+	$(BIN)/python -m pipeline.io.synthetic demo-output/train
 	$(BIN)/georetina train jobs/train_demo.yaml
 
 test: $(STAMP)

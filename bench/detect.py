@@ -9,7 +9,7 @@ actor start-up is not counted (bench/end_to_end.py counts it). -> actor_over_mod
 Forward vs postprocess (CPU, and GPU when visible): torchvision's RetinaNet decodes and NMSes
 per image and per pyramid level in Python; timed separately from the network's forward (backbone
 + heads), with score_threshold 0 so every level's top 1000 candidates reach NMS (the worst case).
--> <device>_postprocess_fraction, and our batched postprocessing (pipeline/postprocess.py)
+-> <device>_postprocess_fraction, and our batched postprocessing (pipeline/model/postprocess.py)
 over torchvision's on the same head outputs -> <device>_postprocess_speedup
 
 GPU (when CUDA is visible): tiles/s of RetinaNet ResNet-50 FPN at 800 x 800 px, fp32 and bf16
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.config import DetectSettings, ModelSettings
-from pipeline.detect import RetinaNetDetector
-from pipeline.model import build_model
+from pipeline.model.build import build_model
+from pipeline.model.detector import RetinaNetDetector
 
 TILE = 512
 
@@ -48,12 +48,12 @@ def bare_model_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: in
 
 
 def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) -> float:
-    """The pipeline's own detector actor class (pipeline.runner.DetectorActor), as a Ray
+    """The pipeline's own detector actor class (pipeline.jobs.run.DetectorActor), as a Ray
     actor with every core, fed batches in the read stage's format through the object store."""
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.runner import DetectorActor
+    from pipeline.jobs.run import DetectorActor
 
     spec = parse_job(
         {
@@ -94,7 +94,7 @@ def forward_postprocess_split(
 ) -> tuple[float, float, float]:
     """Seconds per tile in the network (transform, backbone, heads), in torchvision's
     postprocessing (anchors, per-image per-level decode, top-k, NMS) and in ours (batched)."""
-    from pipeline.postprocess import batched_postprocess
+    from pipeline.model.postprocess import batched_postprocess
 
     model = build_model(settings.model_copy(update={"score_threshold": 0.0}), TILE).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -181,7 +181,7 @@ def main() -> None:
         return
     import ray
 
-    from pipeline.runner import start_embedded_ray
+    from pipeline.jobs.run import start_embedded_ray
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

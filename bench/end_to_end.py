@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from pipeline.config import JobSpec, parse_job
-from pipeline.model import build_model
-from pipeline.rasters import open_raster
-from pipeline.runner import ALLOCATOR_ENV
-from pipeline.synthetic import plan_objects, write_scene
-from pipeline.tiling import plan_tiles, read_tile
+from pipeline.io.rasters import open_raster
+from pipeline.io.reads import read_tile
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import ALLOCATOR_ENV
+from pipeline.model.build import build_model
+from pipeline.ops.tiles import plan_tiles
 
 
 def _bare_worker(tiles_path: str, share: slice, spec_json: str, barrier, results) -> None:
@@ -123,7 +124,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.runner import run_job, start_embedded_ray
+    from pipeline.jobs.run import run_job, start_embedded_ray
 
     start_embedded_ray(num_cpus=threads)
     started = time.perf_counter()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from pipeline.merge import BandMerger, Candidates, MergeOptions, merge_boxes
+from pipeline.merge.bands import BandMerger
+from pipeline.ops.boxes import Candidates, MergeOptions, merge_boxes
 
 
 def synthetic_boxes(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,13 +1,13 @@
 """Query pushdown: a 1 % bbox query over 10M detections in 1,000 scene files.
 
-The dataset is written by the project's own writer (``pipeline.geoparquet``): Hilbert-ordered
+The dataset is written by the project's own writer (``pipeline.io.geoparquet``): Hilbert-ordered
 rows, zstd, the default ``output.row_group_size``, GeoParquet 1.1 with the ``bbox`` covering.
 1,000 scenes of 10k detections on average (log-normal, some dense, some sparse) on a jittered
 grid over 10 x 6 degrees, neighbours overlapping by 10 %; 70 % of the boxes scattered, 30 % in
 clusters ("harbours"). It is cached under bench/.cache (delete it to regenerate).
 
 Bytes are *measured*: the query runs once through a filesystem that counts every byte handed
-to the Parquet reader (``pipeline.iostats``, footers included; what `georetina query --stats`
+to the Parquet reader (``pipeline.io.iostats``, footers included; what `georetina query --stats`
 prints), and again on the plain local filesystem while the process's read syscalls are counted
 (/proc/self/io rchar) as a cross-check. Times are
 taken on the plain filesystem with a warm page cache (the dataset was just written or read).
@@ -18,7 +18,7 @@ Prints one `name: value` line per figure:
     rows_returned, row_fraction,
     bytes_read_fraction        bytes read by the query over the dataset's size (counted)
     bytes_read_fraction_rchar  the same from the process's read syscalls
-    query_1pct_s               `pipeline.query.query` wall time, median of 3 runs
+    query_1pct_s               `pipeline.io.query.query` wall time, median of 3 runs
     query_1pct_first_s         the first of those runs
     count_1pct_s               `--count` (counts per scene and class) for the same filter
     duckdb_1pct_s              DuckDB over the same files and filter, for comparison
@@ -41,8 +41,8 @@ import numpy as np
 from pyproj import CRS
 
 from pipeline.config import OutputSettings
-from pipeline.geoparquet import SceneRows, detections_table, write_parquet_atomic
-from pipeline.query import QueryFilter, count_detections, open_detections, query_detections
+from pipeline.io.geoparquet import SceneRows, detections_table, write_parquet_atomic
+from pipeline.io.query import QueryFilter, count_detections, open_detections, query_detections
 
 CACHE = Path(__file__).parent / ".cache"
 WEST, SOUTH, EAST, NORTH = 10.0, 40.0, 20.0, 46.0

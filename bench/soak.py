@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 
 
 def make_scenes(folder: Path, count: int) -> list[Path]:
-    from pipeline.synthetic import plan_objects, write_scene
+    from pipeline.io.synthetic import plan_objects, write_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -56,8 +56,8 @@ def main() -> int:
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.ledger import Ledger
-    from pipeline.runner import run_job, start_embedded_ray
+    from pipeline.io.ledger import Ledger
+    from pipeline.jobs.run import run_job, start_embedded_ray
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="soak-"))
     paths = make_scenes(workdir / "scenes", args.scenes)

@@ -33,9 +33,10 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
-from pipeline.rasters import close_shared_rasters
-from pipeline.synthetic import write_scene
-from pipeline.tiling import plan_tiles, read_tiles
+from pipeline.io.rasters import close_shared_rasters
+from pipeline.io.reads import read_tiles
+from pipeline.io.synthetic import write_scene
+from pipeline.ops.tiles import plan_tiles
 
 TILE, OVERLAP, CHUNK = 512, 64, 16
 
@@ -95,7 +96,7 @@ def measure_job(scene: str, output: str) -> None:
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.runner import run_job, start_embedded_ray
+    from pipeline.jobs.run import run_job, start_embedded_ray
 
     peak, done = [0], threading.Event()
 

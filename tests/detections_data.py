@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from pyproj import CRS
 
-from pipeline.finalize import scene_output_uri
-from pipeline.geoparquet import SceneRows, detections_table, write_parquet_atomic
+from pipeline.io.geoparquet import SceneRows, detections_table, write_parquet_atomic
+from pipeline.merge.scene import scene_output_uri
 
 CLASSES = ("ship", "boat", "plane")
 WEST, SOUTH = 15.0, 42.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.synthetic import plan_objects, write_scene
 
 TILE, OVERLAP = 256, 48
 SIZE = 600  # 3 x 3 tiles of 256 with 48 of overlap

@@ -36,10 +36,10 @@ from rasterio.transform import Affine
 
 from pipeline.config import parse_job
 from pipeline.errors import CheckpointError, GeoRetinaError, JobSpecError
-from pipeline.ledger import Ledger
-from pipeline.model import build_model
-from pipeline.runner import run_job
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.ledger import Ledger
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import run_job
+from pipeline.model.build import build_model
 
 pytestmark = pytest.mark.ray
 

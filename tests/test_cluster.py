@@ -16,7 +16,7 @@ import geopandas
 import pytest
 import yaml
 
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.synthetic import plan_objects, write_scene
 
 pytestmark = pytest.mark.ray
 
@@ -232,7 +232,7 @@ def test_submit_ships_the_working_dir_and_runs_the_job(ray_head, tmp_path):
     logs = georetina("logs", "shipped-1", "--address", ray_head.job_api, env=ray_head.env)
     assert "scenes: 1 done" in logs.stdout
     assert (
-        "python -m pipeline.cli run job.yaml --run-id shipped-1"
+        "python -m pipeline.cli.main run job.yaml --run-id shipped-1"
         in georetina(
             "status", "shipped-1", "--json", "--address", ray_head.job_api, env=ray_head.env
         ).stdout

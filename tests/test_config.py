@@ -108,7 +108,7 @@ def test_shipped_job_files_validate():
 
 def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
     """Checked first: no Ray started, no scene opened, no model loaded (a GPU never waits)."""
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

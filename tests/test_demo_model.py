@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_job
-from pipeline.demo import precision_recall
-from pipeline.runner import run_job
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.demo import precision_recall
+from pipeline.jobs.run import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ def test_demo_model_file_is_small_and_matches_its_config():
     checkpoint = Path(spec.model.checkpoint)
     assert checkpoint.exists(), "models/demo_r18_c4.safetensors is shipped with the repository"
     assert checkpoint.stat().st_size <= 10 * 2**20
-    from pipeline.model import model_id_for
+    from pipeline.model.build import model_id_for
 
     assert model_id_for(spec.model, spec.tiling.tile_size).startswith("demo-r18-c4:resnet18_fpn:")
 

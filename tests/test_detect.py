@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.config import ModelSettings
-from pipeline.detect import RetinaNetDetector, ThresholdDetector, detect_tiles
 from pipeline.errors import CheckpointError
-from pipeline.model import build_model, load_model
+from pipeline.model.build import build_model, load_model
+from pipeline.model.detector import RetinaNetDetector, ThresholdDetector, detect_tiles
 
 TILE = 128
 
@@ -182,7 +182,7 @@ def test_torchvision_and_deepforest_style_checkpoints_load(tmp_path):
 
 def test_a_mismatched_checkpoint_fails_the_job_before_any_tile_is_read(tmp_path, make_raster):
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.jobs.run import run_job
 
     path = tmp_path / "three_classes.pt"
     torch.save(build_model(settings(classes=["a", "b", "c"]), TILE).state_dict(), path)
@@ -224,7 +224,7 @@ def _canonical(found: dict[str, torch.Tensor]) -> list[tuple]:
 )
 @pytest.mark.parametrize("one_nms_call", [True, False], ids=["one-nms-call", "nms-per-image"])
 def test_batched_postprocess_returns_torchvisions_boxes(knobs, one_nms_call):
-    from pipeline.postprocess import retinanet_detect
+    from pipeline.model.postprocess import retinanet_detect
 
     torch.manual_seed(1)
     model = build_model(settings(**knobs), TILE)

@@ -12,12 +12,12 @@ import yaml
 from pyproj import Transformer
 from rasterio.transform import Affine
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import parse_job
-from pipeline.ledger import Ledger
-from pipeline.runner import RAY_SYSTEM_CONFIG, run_job
-from pipeline.synthetic import match_planted, plan_objects, write_scene
-from pipeline.tiling import plan_tiles
+from pipeline.io.ledger import Ledger
+from pipeline.io.synthetic import match_planted, plan_objects, write_scene
+from pipeline.jobs.run import RAY_SYSTEM_CONFIG, run_job
+from pipeline.ops.tiles import plan_tiles
 
 pytestmark = pytest.mark.ray
 

@@ -36,10 +36,10 @@ from faults import (
 from servers import FlakyProxy, RangeServer
 
 from pipeline.config import parse_job
-from pipeline.ledger import Ledger
-from pipeline.runner import run_job
-from pipeline.synthetic import plan_objects, write_scene
-from pipeline.tiling import plan_tiles
+from pipeline.io.ledger import Ledger
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import run_job
+from pipeline.ops.tiles import plan_tiles
 
 pytestmark = pytest.mark.ray
 
@@ -270,7 +270,7 @@ def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
     import threading
     import urllib.request
 
-    from pipeline.deadline import call_with_deadline
+    from pipeline.io.deadline import call_with_deadline
 
     # One helper thread serves a caller's calls, not the caller itself...
     helper = call_with_deadline(threading.get_ident, 5, "who")

@@ -13,11 +13,11 @@ import pytest
 import referencing
 from pyproj import CRS
 
-from pipeline.detect import TileDetections
-from pipeline.finalize import SceneContext, finalize_scene
-from pipeline.geoparquet import hilbert_index
-from pipeline.merge import MergeOptions
-from pipeline.rasters import RasterInfo
+from pipeline.io.geoparquet import hilbert_index
+from pipeline.io.rasters import RasterInfo
+from pipeline.merge.scene import SceneContext, finalize_scene
+from pipeline.model.detector import TileDetections
+from pipeline.ops.boxes import MergeOptions
 
 SCHEMA_DIR = Path(__file__).parent / "data" / "geoparquet"
 
@@ -273,7 +273,7 @@ def _tiles_of_a_scene(rng: np.random.Generator, tile: int = 256, step: int = 200
 
 
 def test_a_scene_streamed_band_by_band_equals_one_written_at_once(tmp_path):
-    from pipeline.finalize import SceneStream
+    from pipeline.merge.scene import SceneStream
 
     offsets, found = _tiles_of_a_scene(np.random.default_rng(5))
     base = dict(
@@ -306,7 +306,7 @@ def test_a_scene_streamed_band_by_band_equals_one_written_at_once(tmp_path):
 
 
 def test_an_aborted_stream_leaves_the_previous_file_untouched(tmp_path):
-    from pipeline.finalize import SceneStream
+    from pipeline.merge.scene import SceneStream
 
     path = write_scene(tmp_path)
     before = path.read_bytes()

@@ -18,10 +18,10 @@ import yaml
 
 from pipeline.config import ListInput, StacInput, load_job, parse_job
 from pipeline.errors import GeoRetinaError, JobSpecError
-from pipeline.runner import run_job
-from pipeline.scenes import discover_scenes, parse_uri_list
-from pipeline.stac import stac_scenes
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.discovery import discover_scenes, parse_uri_list
+from pipeline.io.stac import stac_scenes
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import run_job
 
 OUT = {"path": "out"}
 
@@ -154,7 +154,7 @@ def test_missing_list_file_is_a_clear_error(tmp_path):
 # STAC: a static catalog written with pystac
 # --------------------------------------------------------------------------------------------
 
-# UTM 33N scenes around 15.0 E, 42.0 N (see pipeline.synthetic.write_scene's default origin).
+# UTM 33N scenes around 15.0 E, 42.0 N (see pipeline.io.synthetic.write_scene's default origin).
 BBOX = [14.99, 41.99, 15.01, 42.01]
 
 

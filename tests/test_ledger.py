@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.ledger import Ledger, LedgerRecord, parse_record
+from pipeline.io.ledger import Ledger, LedgerRecord, parse_record
 
 
 def record(scene: str, status: str, at: float, run: str = "r1", **extra) -> LedgerRecord:

@@ -6,9 +6,9 @@ from hypothesis import strategies as st
 from rasterio.transform import Affine
 from torchvision.ops import batched_nms
 
-from pipeline.merge import (
+from pipeline.merge.bands import BandMerger
+from pipeline.ops.boxes import (
     CUT_COVERED_FRACTION,
-    BandMerger,
     Candidates,
     MergeOptions,
     box_rings,

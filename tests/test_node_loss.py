@@ -16,7 +16,7 @@ import pytest
 from faults import SMALL_RETINANET, clean_env, output_rows, threshold_job, write_archive
 
 from pipeline.config import parse_job
-from pipeline.runner import run_job
+from pipeline.jobs.run import run_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ DRIVER = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from pipeline.config import parse_job
-    from pipeline.runner import run_job
+    from pipeline.jobs.run import run_job
 
     # The head runs no tasks: every read, detection and merge lands on the doomed node.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_job
-from pipeline.ledger import Ledger
-from pipeline.rasters import inspect_raster, open_raster
-from pipeline.runner import run_job
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.io.ledger import Ledger
+from pipeline.io.rasters import inspect_raster, open_raster
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import run_job
 
 pytestmark = pytest.mark.ray
 

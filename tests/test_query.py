@@ -15,9 +15,9 @@ import pytest
 from detections_data import write_dataset
 from pyproj import CRS, Transformer
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import QueryError
-from pipeline.query import (
+from pipeline.io.query import (
     FOOTER_READ,
     QueryFilter,
     count_detections,

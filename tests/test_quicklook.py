@@ -10,9 +10,9 @@ import yaml
 from detections_data import rows_from_pixels, write_dataset, write_rows
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import QuicklookError
-from pipeline.quicklook import (
+from pipeline.io.quicklook import (
     MAP_BACKGROUND,
     PALETTE,
     default_destination,
@@ -153,7 +153,7 @@ def test_run_map_of_scenes_without_detections_is_none(tmp_path):
 
 @pytest.mark.ray
 def test_run_with_quicklook_draws_the_planted_objects(ray_session, tmp_path, capsys):
-    from pipeline.synthetic import plan_objects, write_scene
+    from pipeline.io.synthetic import plan_objects, write_scene
 
     size = 600
     objects = plan_objects(size, 256, 48, count=10, seed=7, max_side=40)

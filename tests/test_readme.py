@@ -12,7 +12,7 @@ import pyarrow.csv
 import pytest
 from detections_data import write_dataset
 
-from pipeline.query import QueryFilter, count_detections, query_detections
+from pipeline.io.query import QueryFilter, count_detections, query_detections
 
 README = Path(__file__).parents[1] / "README.md"
 RECIPE = re.compile(r"<!-- recipe: (\S+) -->\s*```(\w+)\n(.*?)```", re.DOTALL)

@@ -6,7 +6,8 @@ import pytest
 from pyproj import CRS
 
 from pipeline.config import parse_job
-from pipeline.report import (
+from pipeline.io.synthetic import plan_objects, write_scene
+from pipeline.jobs.report import (
     failure_reason,
     footprint_km2,
     format_duration,
@@ -14,8 +15,7 @@ from pipeline.report import (
     run_totals,
     summary_lines,
 )
-from pipeline.runner import run_job
-from pipeline.synthetic import plan_objects, write_scene
+from pipeline.jobs.run import run_job
 
 UTM = CRS.from_epsg(32633).to_wkt()
 WGS84 = CRS.from_epsg(4326).to_wkt()

@@ -21,10 +21,11 @@ import yaml
 from faults import GEORETINA, clean_env, threshold_job, write_archive
 from servers import RangeServer
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import SceneError
+from pipeline.io.discovery import discover_scenes
+from pipeline.io.scenes import scene_id_for
 from pipeline.redact import REDACTED, redact_text, redact_uri
-from pipeline.scenes import discover_scenes, scene_id_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

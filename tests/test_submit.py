@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.cli import main
-from pipeline.submit import (
+from pipeline.cli.main import main
+from pipeline.jobs.submit import (
     SubmitError,
     build_runtime_env,
     entrypoint_for,
@@ -50,7 +50,7 @@ def test_runtime_env_ships_working_dir_package_and_deps(tmp_path):
 def test_entrypoint_runs_the_shipped_job_with_the_submission_as_run_id():
     command = shlex.split(entrypoint_for("jobs/night ly.yaml", "n-20260601", force=True))
     assert command == [
-        "python", "-m", "pipeline.cli", "run", "jobs/night ly.yaml",
+        "python", "-m", "pipeline.cli.main", "run", "jobs/night ly.yaml",
         "--run-id", "n-20260601", "--force",
     ]  # fmt: skip
 
@@ -75,7 +75,7 @@ def test_bad_job_file_fails_before_any_request(tmp_path, capsys):
 
 def test_paths_inside_the_shipped_folder_are_warned_about(tmp_path):
     from pipeline.config import parse_job
-    from pipeline.submit import shipped_path_warnings
+    from pipeline.jobs.submit import shipped_path_warnings
 
     shipped = parse_job(
         {"inputs": [str(tmp_path / "a.tif"), "s3://b/x.tif"], "output": {"path": str(tmp_path)}}

@@ -7,8 +7,9 @@ from rasterio.enums import Resampling
 from servers import RangeServer
 
 from pipeline.errors import SceneError
-from pipeline.rasters import inspect_raster, open_raster
-from pipeline.tiling import axis_offsets, inner_edges, plan_tiles, read_tile, to_uint8
+from pipeline.io.rasters import inspect_raster, open_raster
+from pipeline.io.reads import read_tile
+from pipeline.ops.tiles import axis_offsets, inner_edges, plan_tiles, to_uint8
 
 
 @settings(max_examples=300, deadline=None)
@@ -226,7 +227,7 @@ def test_tiles_carry_the_chosen_bands_in_the_chosen_order(make_raster):
 
 
 def test_a_worker_reads_a_scene_through_one_open_dataset(make_raster):
-    from pipeline.rasters import close_shared_rasters, open_shared_raster
+    from pipeline.io.rasters import close_shared_rasters, open_shared_raster
 
     path = str(make_raster())
     close_shared_rasters()

@@ -13,11 +13,9 @@ from shapely.geometry import box as shapely_box
 
 from pipeline.config import LabelSource, ModelSettings, OptimSettings, TrainSpec, load_train_spec
 from pipeline.errors import JobSpecError
-from pipeline.evaluate import coco_evaluate, components, evaluate_files
-from pipeline.labels import LabelError, geometries_to_pixel_boxes, read_labels
-from pipeline.model import load_model
-from pipeline.synthetic import plan_objects, write_labels, write_scene
-from pipeline.train import (
+from pipeline.io.labels import LabelError, geometries_to_pixel_boxes, read_labels
+from pipeline.io.synthetic import plan_objects, write_labels, write_scene
+from pipeline.jobs.train import (
     FocalClassificationHead,
     augment,
     build_trainable_model,
@@ -31,6 +29,8 @@ from pipeline.train import (
     to_batch,
     train_steps,
 )
+from pipeline.model.build import load_model
+from pipeline.model.evaluate import coco_evaluate, components, evaluate_files
 
 TINY_MODEL = {
     "backbone": "resnet18_fpn",
@@ -105,7 +105,7 @@ def test_chip_targets_clip_and_drop_mostly_outside():
 
 def test_chips_around_labels_contain_them():
     rng = np.random.default_rng(0)
-    from pipeline.labels import LabelledRaster
+    from pipeline.io.labels import LabelledRaster
 
     boxes = np.array([[5, 5, 30, 30], [900, 400, 940, 470], [480, 10, 520, 40]], np.float64)
     raster = LabelledRaster("x.tif", boxes, np.zeros(3, np.int64))
@@ -258,7 +258,7 @@ def test_fine_tuning_rebuilds_the_head_for_new_classes(tmp_path):
 def test_georetina_train_through_ray_train_writes_a_loadable_checkpoint(
     ray_session, tmp_path, capsys
 ):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     data = _training_data(tmp_path, scenes=2, size=512, count=20)
     train_file = tmp_path / "train.yaml"

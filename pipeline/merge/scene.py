@@ -9,18 +9,18 @@ from datetime import datetime
 import numpy as np
 from pyproj import CRS, Transformer
 
-from pipeline.detect import TileDetections
-from pipeline.geoparquet import SceneFileWriter, SceneRows, detections_table
-from pipeline.merge import (
-    BandMerger,
+from pipeline.io.geoparquet import SceneFileWriter, SceneRows, detections_table
+from pipeline.io.rasters import RasterInfo
+from pipeline.merge.bands import BandMerger
+from pipeline.model.detector import TileDetections
+from pipeline.ops.boxes import (
     Candidates,
     MergeOptions,
     box_rings,
     detection_ids,
     touches_inner_edge,
 )
-from pipeline.rasters import RasterInfo
-from pipeline.tiling import inner_edges
+from pipeline.ops.tiles import inner_edges
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 
-from pipeline.tiling import axis_offsets
+from pipeline.ops.tiles import axis_offsets
 
 # Background stays below this level and objects above it, so the reference threshold
 # detector (level 200) finds exactly the planted objects.
@@ -201,7 +201,7 @@ def write_training_set(
     return pairs
 
 
-if __name__ == "__main__":  # python -m pipeline.synthetic FOLDER: the demo model's training set
+if __name__ == "__main__":  # python -m pipeline.io.synthetic FOLDER: the demo model's training set
     import sys
 
     for raster, labels in write_training_set(sys.argv[1] if len(sys.argv) > 1 else "train"):

@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import QuicklookError
-from pipeline.query import QueryFilter, open_detections, query_detections
+from pipeline.io.query import QueryFilter, open_detections, query_detections
 
 # Distinct colours (Sasha Trubetskoy's list), by class id: a class keeps its colour across
 # scenes of the same model.
@@ -134,8 +134,8 @@ def read_picture(uri: str, scene_id: str, max_size: int) -> tuple[np.ndarray, tu
     """The scene as ``H×W×3`` uint8 at a bounded size, scaled as the detector saw it."""
     from rasterio.enums import Resampling
 
-    from pipeline.rasters import inspect_raster, open_raster
-    from pipeline.tiling import to_uint8
+    from pipeline.io.rasters import inspect_raster, open_raster
+    from pipeline.ops.tiles import to_uint8
 
     info = inspect_raster(scene_id, uri, None, None)
     width, height = picture_shape(info.width, info.height, max_size)

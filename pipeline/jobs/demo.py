@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import JobSpec, load_job
-from pipeline.runner import RunReport, run_job
-from pipeline.synthetic import (
+from pipeline.io.synthetic import (
     Planted,
     match_planted,
     plan_objects,
@@ -17,6 +16,7 @@ from pipeline.synthetic import (
     write_scene,
     write_truth,
 )
+from pipeline.jobs.run import RunReport, run_job
 
 DEMO_OBJECTS = 80
 
@@ -79,7 +79,7 @@ def run_demo(job_path: Path, size: int = 3072, address: str | None = None) -> in
     print(f"seam_objects_found: {seam_hits}/{seam_count}")
     print(f"output: {report.output}")
     if report.scenes and report.scenes[0].output:
-        from pipeline.evaluate import evaluate_files
+        from pipeline.model.evaluate import evaluate_files
 
         coco = evaluate_files(report.scenes[0].output, str(labels_path(scene)))
         print(f"AP50: {coco.overall.ap50:.3f}  mAP@[.5:.95]: {coco.overall.ap:.3f}")

@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli_jobs import add_job_parsers
+from pipeline.cli.jobs import add_job_parsers
 from pipeline.errors import GeoRetinaError, QueryError
 
 
 def _print_report(report: object) -> None:
-    from pipeline.report import summary_lines
-    from pipeline.runner import RunReport
+    from pipeline.jobs.report import summary_lines
+    from pipeline.jobs.run import RunReport
 
     assert isinstance(report, RunReport)
     print("\n".join(summary_lines(report.as_dict())))
@@ -21,7 +21,7 @@ def _print_report(report: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_job
-    from pipeline.runner import run_job
+    from pipeline.jobs.run import run_job
 
     spec = load_job(args.job)
     report = run_job(spec, address=args.address, run_id=args.run_id, force=args.force)
@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _quicklooks(report: object) -> None:
     """One PNG per scene done in this run, drawn on the driver after the run."""
-    from pipeline.quicklook import render_quicklook
+    from pipeline.io.quicklook import render_quicklook
 
     for scene in report.scenes:
         if scene.status == "done" and scene.output:
@@ -46,13 +46,13 @@ def _quicklooks(report: object) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.jobs.demo import run_demo
 
     return run_demo(Path(args.job), size=args.size, address=args.address)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from pipeline.query import (
+    from pipeline.io.query import (
         QueryFilter,
         count_detections,
         open_detections,
@@ -93,7 +93,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_quicklook(args: argparse.Namespace) -> int:
-    from pipeline.quicklook import render_quicklook
+    from pipeline.io.quicklook import render_quicklook
 
     written = render_quicklook(
         args.scene_output,
@@ -147,7 +147,7 @@ def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_train_spec
-    from pipeline.train import run_training
+    from pipeline.jobs.train import run_training
 
     report = run_training(load_train_spec(args.train), address=args.address)
     print(f"checkpoint: {report.output}")
@@ -164,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from pipeline.evaluate import evaluate_files
+    from pipeline.model.evaluate import evaluate_files
 
     result = evaluate_files(
         args.detections, args.labels, args.iou, args.score, class_column=args.class_column

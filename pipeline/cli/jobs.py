@@ -1,5 +1,5 @@
 """``georetina submit|status|logs|stop``: jobs on a Ray cluster's Job API. Parses, then calls
-:mod:`pipeline.submit`; exit codes as for ``run`` (0 ok, 1 the job failed, 2 an error)."""
+:mod:`pipeline.jobs.submit`; exit codes as for ``run`` (0 ok, 1 the job failed, 2 an error)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ADDRESS_HELP = "Ray Job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.config import load_job
-    from pipeline.submit import nightly_submission_id, project_requirements, submit_job
+    from pipeline.jobs.submit import nightly_submission_id, project_requirements, submit_job
 
     submission_id = args.submission_id
     if args.nightly:
@@ -36,7 +36,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"georetina: warning: {warning}", file=sys.stderr)
     if not args.wait:
         return 0
-    from pipeline.submit import wait_for_job
+    from pipeline.jobs.submit import wait_for_job
 
     status = wait_for_job(args.address, result.submission_id)
     print(f"{result.submission_id}: {status}")
@@ -44,7 +44,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.submit import job_status
+    from pipeline.jobs.submit import job_status
 
     info = job_status(args.address, args.job_id)
     if args.json:
@@ -57,7 +57,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from pipeline.submit import job_logs, wait_for_job
+    from pipeline.jobs.submit import job_logs, wait_for_job
 
     if args.follow:
         status = wait_for_job(args.address, args.job_id)
@@ -67,7 +67,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from pipeline.submit import stop_job
+    from pipeline.jobs.submit import stop_job
 
     stopped = stop_job(args.address, args.job_id)
     print(f"{args.job_id}: {'stop requested' if stopped else 'had already ended'}")

@@ -26,16 +26,18 @@ import ray
 from rasterio.windows import Window
 
 from pipeline.config import JobSpec, TilingSettings
-from pipeline.detect import TileDetections, detect_tiles, make_detector
 from pipeline.errors import GeoRetinaError, SceneError
-from pipeline.finalize import SceneContext, SceneStream, SceneWritten, scene_output_uri
-from pipeline.ledger import Ledger, LedgerRecord, now
-from pipeline.merge import MergeOptions
-from pipeline.rasters import RasterInfo, inspect_raster_within
+from pipeline.io.discovery import discover_scenes
+from pipeline.io.ledger import Ledger, LedgerRecord, now
+from pipeline.io.rasters import RasterInfo, inspect_raster_within
+from pipeline.io.reads import read_tiles
+from pipeline.io.scenes import Scene
+from pipeline.jobs.report import footprint_km2, progress_line, run_totals
+from pipeline.merge.scene import SceneContext, SceneStream, SceneWritten, scene_output_uri
+from pipeline.model.detector import TileDetections, detect_tiles, make_detector
+from pipeline.ops.boxes import MergeOptions
+from pipeline.ops.tiles import Tile, plan_tiles
 from pipeline.redact import redact_text
-from pipeline.report import footprint_km2, progress_line, run_totals
-from pipeline.scenes import Scene, discover_scenes
-from pipeline.tiling import Tile, plan_tiles, read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ class RunReport:
     tiles: int = 0
     tiles_per_s: float = 0.0
     detections: int = 0
-    # Filled in by _finish from the scenes (pipeline.report.run_totals).
+    # Filled in by _finish from the scenes (pipeline.jobs.report.run_totals).
     scenes_done: int = 0
     scenes_skipped: int = 0
     scenes_failed: int = 0
@@ -356,7 +358,9 @@ def run_job(
     run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     output_root = spec.output.path
     check_output_writable(output_root)
-    from pipeline.model import model_id_for  # torch: imported by the driver, not read workers
+    from pipeline.model.build import (
+        model_id_for,  # torch: imported by the driver, not read workers
+    )
 
     model_id = model_id_for(spec.model, spec.tiling.tile_size)  # a bad checkpoint fails here
     settings_hash = spec.settings_hash()
@@ -673,7 +677,7 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
 
 def _run_map(report: RunReport, output_root: str) -> str | None:
     """``_runs/<run_id>.png``; a map that cannot be drawn is logged, never fails the run."""
-    from pipeline.quicklook import render_run_map
+    from pipeline.io.quicklook import render_run_map
 
     outputs = [s.output for s in report.scenes if s.status == "done" and s.detections]
     if not outputs:

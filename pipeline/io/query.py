@@ -29,8 +29,8 @@ import shapely
 from pyproj import CRS, Transformer
 
 from pipeline.errors import QueryError
-from pipeline.geoparquet import SCHEMA, geo_metadata
-from pipeline.iostats import ReadCounter, counting_filesystem
+from pipeline.io.geoparquet import SCHEMA, geo_metadata
+from pipeline.io.iostats import ReadCounter, counting_filesystem
 
 FORMATS = ("table", "csv", "geojson", "parquet")
 
@@ -492,7 +492,7 @@ def write_result(
     if fmt == "parquet":
         if destination is None:
             raise QueryError("format 'parquet' needs an output file (-o FILE)")
-        from pipeline.geoparquet import write_parquet_atomic
+        from pipeline.io.geoparquet import write_parquet_atomic
 
         if "geometry" in table.column_names:
             table = with_geo_metadata(table, found)

@@ -22,7 +22,7 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import sigmoid_focal_loss
 
 from pipeline.config import OptimSettings, TrainSpec
-from pipeline.labels import LabelledRaster, read_labels
+from pipeline.io.labels import LabelledRaster, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _init_weights(model: RetinaNet, checkpoint: str | None) -> list[str]:
     Keys whose shapes differ (another class list: the classification logits) keep their fresh
     initialisation: the head is rebuilt for the new classes. Returns those keys.
     """
-    from pipeline.model import parse_state_dict, read_checkpoint_bytes
+    from pipeline.model.build import parse_state_dict, read_checkpoint_bytes
 
     if checkpoint is None:
         return []
@@ -197,7 +197,7 @@ def _init_weights(model: RetinaNet, checkpoint: str | None) -> list[str]:
 
 def build_trainable_model(spec: TrainSpec) -> tuple[RetinaNet, list[str]]:
     """The job's RetinaNet (same builder as inference) in train mode, with the focal head."""
-    from pipeline.model import build_model
+    from pipeline.model.build import build_model
 
     model = build_model(spec.model.model_copy(update={"checkpoint": None}), spec.chips.size)
     old = model.head.classification_head
@@ -229,7 +229,7 @@ class Chip:
 
 def raster_sizes(rasters: list[LabelledRaster], spec: TrainSpec) -> list[Any]:
     """Each raster's pre-flight info (bands, scaling, size): as a job would read it."""
-    from pipeline.rasters import inspect_raster
+    from pipeline.io.rasters import inspect_raster
 
     return [inspect_raster(r.uri, r.uri, spec.bands, spec.scale_range) for r in rasters]
 
@@ -240,8 +240,8 @@ def read_chips(
     """Read chips with the pipeline's tile reader, one open dataset per raster."""
     from rasterio.windows import Window
 
-    from pipeline.rasters import open_raster
-    from pipeline.tiling import read_tile
+    from pipeline.io.rasters import open_raster
+    from pipeline.io.reads import read_tile
 
     size = spec.chips.size
     chips = []
@@ -461,11 +461,11 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainReport:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.runner import ensure_ray
+    from pipeline.jobs.run import ensure_ray
 
     rasters = read_labels(spec.data, spec.model.classes)  # fail on bad labels before Ray work
     if sum(len(r.boxes) for r in rasters) == 0:
-        from pipeline.labels import LabelError
+        from pipeline.io.labels import LabelError
 
         raise LabelError(f"training {spec.name}: the label files hold no boxes")
     started = time.perf_counter()

@@ -104,7 +104,7 @@ def build_runtime_env(
 
 def entrypoint_for(job_in_working_dir: str, run_id: str, force: bool = False) -> str:
     """``georetina run`` on the shipped job file (through the shipped package)."""
-    command = ["python", "-m", "pipeline.cli", "run", job_in_working_dir, "--run-id", run_id]
+    command = ["python", "-m", "pipeline.cli.main", "run", job_in_working_dir, "--run-id", run_id]
     if force:
         command.append("--force")
     return shlex.join(command)

@@ -16,8 +16,8 @@ from pystac.stac_io import DefaultStacIO
 
 from pipeline.config import StacSearch
 from pipeline.errors import GeoRetinaError
+from pipeline.io.scenes import Scene, scene_id_for
 from pipeline.redact import redact_uri
-from pipeline.scenes import Scene, scene_id_for
 
 
 class FsspecStacIO(DefaultStacIO):

@@ -3,7 +3,7 @@
 A read stuck inside GDAL (a server that accepts and never answers, a hung mount) cannot be
 interrupted from Python: signals wait for the C call to return. So the call runs in a daemon
 thread and the caller stops waiting at the deadline; the thread is abandoned (GDAL's own
-HTTP low-speed limit ends it later, see ``pipeline.rasters.GDAL_OPTIONS``).
+HTTP low-speed limit ends it later, see ``pipeline.io.rasters.GDAL_OPTIONS``).
 
 Each calling thread keeps one such helper thread for all its calls and gets a new one only
 when a call is abandoned: a fresh thread per call made GDAL tile reads 8-10 % slower

@@ -17,7 +17,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
 from pipeline.errors import SceneError
-from pipeline.tiling import default_scale_range, percentile_range
+from pipeline.ops.tiles import default_scale_range, percentile_range
 
 # Read COGs with few, large range requests.
 GDAL_OPTIONS: dict[str, str | int] = {
@@ -246,7 +246,7 @@ def inspect_raster_within(
     allow_pixel_coordinates: bool = False,
 ) -> RasterInfo:
     """:func:`inspect_raster`, failing the scene when it takes longer than ``timeout_s``."""
-    from pipeline.deadline import call_with_deadline
+    from pipeline.io.deadline import call_with_deadline
 
     def inspect() -> RasterInfo:
         return inspect_raster(scene_id, uri, bands, scale_range, allow_pixel_coordinates)

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.config import ModelSettings
-from pipeline.merge import valid_fraction
+from pipeline.ops.boxes import valid_fraction
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class RetinaNetDetector:
     ) -> None:
         import torch
 
-        from pipeline.model import load_model
+        from pipeline.model.build import load_model
 
         self.device = torch.device(pick_device(device))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -81,7 +81,7 @@ class RetinaNetDetector:
     def __call__(self, images: np.ndarray) -> list[TileDetections]:
         import torch
 
-        from pipeline.postprocess import retinanet_detect
+        from pipeline.model.postprocess import retinanet_detect
 
         if len(images) == 0:
             return []
@@ -100,7 +100,7 @@ class RetinaNetDetector:
             x = x.float().div_(255.0)
             mixed = on_gpu and self.autocast_dtype is not None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=mixed):
-                # torchvision's network, then its postprocessing batched (pipeline/postprocess.py)
+                # torchvision's network, then our batched postprocessing (model/postprocess.py)
                 outputs = retinanet_detect(self.model, x)
         return [
             TileDetections(

@@ -71,7 +71,7 @@ def read_geo_labels(source: LabelSource, classes: list[str]) -> LabelledRaster:
     import geopandas
     import shapely
 
-    from pipeline.rasters import open_raster
+    from pipeline.io.rasters import open_raster
 
     assert source.raster is not None
     blob = _read_bytes(source.labels)
