@@ -197,7 +197,7 @@ def test_a_killed_driver_leaves_done_scenes_done_and_a_rerun_completes_them(
         try:
             deadline = time.time() + 300
             while time.time() < deadline and driver.poll() is None:
-                if ledger.is_dir() and any(ledger.rglob("*-done.json")):
+                if ledger.is_dir() and any(ledger.rglob("*-done.parquet")):
                     break
                 time.sleep(0.05)
         finally:

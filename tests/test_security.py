@@ -185,7 +185,7 @@ def test_planted_secrets_never_reach_logs_reports_ledger_or_output(
     assert (
         any("_ledger/" in k for k in texts) and "georetina-secrets/out/_runs/secrets.json" in texts
     )
-    assert sum(k.endswith("(decoded)") for k in texts) == 2
+    assert sum(k.endswith("(decoded)") and "/detections/" in k for k in texts) == 2
     texts["stdout"] = result.stdout.encode()
     texts["stderr"] = result.stderr.encode()
     ray_files = [p for p in Path(ray_dir).rglob("*") if p.is_file() and not p.is_socket()]
