@@ -1,7 +1,7 @@
 """GeoParquet 1.1 output: schema-valid metadata, and readable by geopandas, DuckDB and GDAL."""
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -295,7 +295,10 @@ def test_a_scene_streamed_band_by_band_equals_one_written_at_once(tmp_path):
         assert len(stream.merger.pending) < sum(len(f.boxes) for f in found) / 2
     written_banded = stream.close()
 
-    assert written_banded == written_whole and written_whole.rows > 100
+    # The same rows, classes, extent and times (the files' bytes differ with their row order).
+    same = ("rows", "per_class", "bbox", "time_start", "time_end")
+    assert [getattr(written_banded, k) for k in same] == [getattr(written_whole, k) for k in same]
+    assert written_whole.rows > 100
     a = geopandas.read_parquet(whole.output_uri).sort_values("detection_id")
     b = geopandas.read_parquet(banded.output_uri).sort_values("detection_id")
     assert a.detection_id.tolist() == b.detection_id.tolist()
@@ -321,3 +324,30 @@ def test_an_aborted_stream_leaves_the_previous_file_untouched(tmp_path):
     stream.abort()  # ...then the scene fails
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["s1.parquet"]  # no temp left
+
+
+def test_a_done_record_carries_the_files_index_entry(tmp_path):
+    """bbox (the geo metadata's), time range, classes, bytes and the exact footer length."""
+    from pipeline.merge.scene import SceneStream, done_record
+
+    offsets, found = _tiles_of_a_scene(np.random.default_rng(7))
+    context = SceneContext(
+        scene_id="s1", scene_uri="/data/s1.tif", info=INFO, tile_size=256, edge_tolerance=2.0,
+        merge=MergeOptions(), class_names=("ship",), model_id="m:1", settings_hash="abc",
+        run_id="r1", output_crs="OGC:CRS84", output_uri=str(tmp_path / "s1.parquet"),
+        row_group_size=50,
+    )  # fmt: skip
+    stream = SceneStream(context)
+    stream.add_band(offsets, found, None)
+    written = stream.close()
+    record = done_record(context, "/data/s1.tif|1|2", written, tiles_without_data=3)
+    path = Path(context.output_uri)
+    blob = path.read_bytes()
+    geo = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]
+    assert record.status == "done" and record.detections == written.rows > 0
+    assert record.bbox == tuple(geo["bbox"]) and record.crs == "OGC:CRS84"
+    assert record.time_start == record.time_end == datetime(2026, 6, 1, 10, 30, tzinfo=UTC)
+    assert record.per_class == {"ship": written.rows}
+    assert record.bytes == len(blob)
+    assert record.footer_bytes == int.from_bytes(blob[-8:-4], "little")
+    assert (record.output, record.tiles_without_data) == (context.output_uri, 3)

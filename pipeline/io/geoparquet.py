@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
 
@@ -256,6 +257,33 @@ def write_parquet_atomic(table: pa.Table, uri: str, row_group_size: int) -> None
         pq.write_table(table, handle, **options)
 
 
+@dataclass(frozen=True)
+class FileWritten:
+    """What a scene file holds, for the dataset index: known once the file is closed."""
+
+    rows: int
+    extent: tuple[float, float, float, float] | None  # in the file's CRS; None: no boxes
+    time_start: datetime | None  # the rows' acquisition times (None: none has one)
+    time_end: datetime | None
+    bytes: int | None  # the file's size
+    footer_bytes: int | None  # its Parquet footer's length (without the 8-byte tail)
+
+
+def footer_length(metadata: pq.FileMetaData, size: int) -> int | None:
+    """The footer's length in a file of ``size`` bytes: what follows the last column chunk."""
+    end = 4  # the leading magic
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for position in range(row_group.num_columns):
+            column = row_group.column(position)
+            start = column.data_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset:
+                start = min(start, column.dictionary_page_offset)
+            end = max(end, start + column.total_compressed_size)
+    length = size - 8 - end
+    return length if length > 0 else None
+
+
 class SceneFileWriter:
     """One scene's GeoParquet file, written a row group at a time; it appears whole at
     :meth:`close`, never in part (same rule as :func:`write_parquet_atomic`).
@@ -272,7 +300,9 @@ class SceneFileWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._extent: list[float] = []
+        self._times: list[datetime] = []  # earliest and latest acquired_at seen
         self._types: set[str] = set()
+        self.written: FileWritten | None = None  # set by close()
         self._temporary: str | None = None
         self._handle = None
         if "://" not in uri or uri.startswith("file://"):
@@ -303,6 +333,9 @@ class SceneFileWriter:
             self._extent = [float(v) for v in (*low, *high)]
         elif box:
             self._extent = box
+        times = pc.min_max(chunk.column("acquired_at")).as_py()
+        if times["min"] is not None:
+            self._times = [min([times["min"], *self._times]), max([times["max"], *self._times])]
         self._buffer.append(chunk.replace_schema_metadata(None))
         self._buffered += chunk.num_rows
         while self._buffered >= self.row_group_size:
@@ -329,9 +362,18 @@ class SceneFileWriter:
         self._writer.add_key_value_metadata({"geo": json.dumps(meta)})
         self._writer.close()
         if self._temporary is not None:
+            size = os.path.getsize(self._temporary)
             os.replace(self._temporary, self.uri.removeprefix("file://"))
         else:
+            size = self._handle.tell()
             self._handle.close()
+        self.written = FileWritten(
+            self.rows,
+            tuple(self._extent) if self._extent else None,
+            *(self._times or [None, None]),
+            size,
+            footer_length(self._writer.writer.metadata, size),
+        )
         return self.rows
 
     def abort(self) -> None:

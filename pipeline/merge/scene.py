@@ -10,6 +10,7 @@ import numpy as np
 from pyproj import CRS, Transformer
 
 from pipeline.io.geoparquet import SceneFileWriter, SceneRows, detections_table
+from pipeline.io.ledger import LedgerRecord, now
 from pipeline.io.rasters import RasterInfo
 from pipeline.merge.bands import BandMerger
 from pipeline.model.detector import TileDetections
@@ -46,10 +47,16 @@ class SceneContext:
 
 @dataclass(frozen=True)
 class SceneWritten:
-    """What a scene's write produced: its row count and detections per class name."""
+    """What a scene's write produced: its row count and detections per class name, and
+    what the dataset index needs (bbox in the output CRS, time range, the file's bytes)."""
 
     rows: int
     per_class: dict[str, int]
+    bbox: tuple[float, float, float, float] | None = None  # None: no rows, or pixels only
+    time_start: datetime | None = None  # the rows' acquisition time range
+    time_end: datetime | None = None
+    bytes: int | None = None  # the file's size
+    footer_bytes: int | None = None  # its Parquet footer's length
 
 
 def scene_output_uri(output_root: str, scene_id: str) -> str:
@@ -135,7 +142,17 @@ class SceneStream:
 
     def close(self) -> SceneWritten:
         self.add_band([], [], None)  # what was still open is final now
-        return SceneWritten(self.writer.close(), dict(self.per_class))
+        rows = self.writer.close()
+        file = self.writer.written
+        return SceneWritten(
+            rows,
+            dict(self.per_class),
+            bbox=file.extent,
+            time_start=file.time_start,
+            time_end=file.time_end,
+            bytes=file.bytes,
+            footer_bytes=file.footer_bytes,
+        )
 
     def abort(self) -> None:
         self.writer.abort()
@@ -165,6 +182,35 @@ class SceneStream:
             rings=rings_in_crs(final.boxes, context.info, context.output_crs),
             stac_item_id=context.stac_item_id,
         )
+
+
+def done_record(
+    context: SceneContext, identity: str, written: SceneWritten, tiles_without_data: int
+) -> LedgerRecord:
+    """The ledger's done record for a committed scene file, with its dataset-index entry.
+
+    Record it only after the file is committed (:meth:`SceneStream.close`): a crash between
+    the two leaves the scene not done, to be written again.
+    """
+    return LedgerRecord(
+        context.scene_id,
+        identity,
+        context.model_id,
+        context.settings_hash,
+        "done",
+        context.run_id,
+        now(),
+        detections=written.rows,
+        output=context.output_uri,
+        bbox=written.bbox,
+        crs=context.output_crs,
+        time_start=written.time_start,
+        time_end=written.time_end,
+        per_class=dict(written.per_class),
+        bytes=written.bytes,
+        footer_bytes=written.footer_bytes,
+        tiles_without_data=tiles_without_data,
+    )
 
 
 def finalize_scene(
