@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -84,3 +85,51 @@ def write_dataset(
 ) -> list[str]:
     """``OUTPUT/detections/s<k>.parquet`` for ``scenes`` scenes side by side, west to east."""
     return [write_rows(output, scene_rows(k, count), row_group_size) for k in range(scenes)]
+
+
+def write_indexed(
+    output: Path | str, rows: SceneRows, row_group_size: int = 50, *, run_id: str = "r1"
+) -> str:
+    """One scene file written as a run writes it, then its done record with the index entry
+    (what ``pipeline.merge.scene.done_record`` records)."""
+    from pipeline.io.geoparquet import SceneFileWriter
+    from pipeline.io.ledger import Ledger, LedgerRecord
+
+    uri = scene_output_uri(str(output), rows.scene_id)
+    crs = CRS.from_user_input("OGC:CRS84").to_json_dict()
+    writer = SceneFileWriter(uri, crs, row_group_size)
+    writer.write(detections_table(rows, crs))
+    writer.close()
+    written = writer.written
+    per_class: dict[str, int] = {}
+    for name in rows.class_names:
+        per_class[name] = per_class.get(name, 0) + 1
+    Ledger(str(output), compact_at=None).record(
+        LedgerRecord(
+            rows.scene_id,
+            f"{rows.scene_uri}|1|2",
+            rows.model_id,
+            "h",
+            "done",
+            run_id,
+            time.time(),
+            detections=written.rows,
+            output=uri,
+            bbox=written.extent,
+            crs="OGC:CRS84",
+            time_start=written.time_start,
+            time_end=written.time_end,
+            per_class=per_class,
+            bytes=written.bytes,
+            footer_bytes=written.footer_bytes,
+            tiles_without_data=0,
+        )
+    )
+    return uri
+
+
+def write_indexed_dataset(
+    output: Path | str, scenes: int = 4, count: int = 300, row_group_size: int = 50
+) -> list[str]:
+    """:func:`write_dataset`'s scenes, each recorded done in the scene table."""
+    return [write_indexed(output, scene_rows(k, count), row_group_size) for k in range(scenes)]

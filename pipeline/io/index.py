@@ -95,6 +95,7 @@ class Snapshot:
     table: pa.Table
     compacted: list[str]  # compacted files read
     loose: list[str]  # fragments and old-format records read one by one
+    sizes: tuple[int, ...] = ()  # the bytes of each object read (compacted, then loose)
 
     @property
     def requests(self) -> int:
@@ -146,8 +147,11 @@ class SceneTable:
 
     def _read_once(self) -> Snapshot:
         self.fs.invalidate_cache()  # fsspec caches listings; another run may have written
-        loose = self._list_loose()  # first: see the module's docstring
-        compacted = self._list(f"{self.root}/{COMPACTED}")
+        listed = self._find(self.root)
+        loose = self._loose(listed)  # first: see the module's docstring
+        then = self._find(f"{self.root}/{COMPACTED}")
+        compacted = sorted(p for p in then if self._is_compacted(p))
+        listed.update(then)
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             parts = list(pool.map(self._read_parquet, compacted))
             covered = set()
@@ -156,20 +160,24 @@ class SceneTable:
             todo = [p for p in loose if self.record_id(p) not in covered]
             parts += [t for t in pool.map(self._read_loose, todo) if t is not None]
         table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
-        return Snapshot(_unique(table), compacted, todo)
+        sizes = tuple(int(listed[p]) for p in [*compacted, *todo])
+        return Snapshot(_unique(table), compacted, todo, sizes)
 
-    def _find(self, folder: str) -> list[str]:
+    def _find(self, folder: str) -> dict[str, int]:
+        """Every object under ``folder`` and its size (one paginated listing)."""
         try:
-            return sorted(self.fs.find(folder))
+            found = self.fs.find(folder, detail=True)
         except FileNotFoundError:  # nothing recorded yet
-            return []
+            return {}
+        return {path: info.get("size") or 0 for path, info in found.items()}
 
-    def _list(self, folder: str) -> list[str]:
-        return [p for p in self._find(folder) if p.endswith(".parquet")]
+    def _is_compacted(self, path: str) -> bool:
+        relative = path[len(self.root) + 1 :]
+        return relative.startswith(f"{COMPACTED}/") and path.endswith(".parquet")
 
-    def _list_loose(self) -> list[str]:
+    def _loose(self, listed: dict[str, int]) -> list[str]:
         found = []
-        for path in self._find(self.root):
+        for path in sorted(listed):
             relative = path[len(self.root) + 1 :]
             if relative.startswith(f"{FRAGMENTS}/") and path.endswith(".parquet"):
                 found.append(path)

@@ -1,10 +1,15 @@
 """Querying a detections dataset: filters pushed down to the Parquet reads. No Ray here.
 
 A dataset is ``OUTPUT/detections/*.parquet`` (or any folder, glob or single file of such
-files), local or on object storage. Each file's footer is read with one small request; the
-row-group statistics of the ``bbox`` covering columns, ``score``, ``class_name``,
-``scene_id`` and ``acquired_at`` then rule out row groups (and whole files) without reading
-their data; the remaining row groups are read, only the columns needed, and filtered exactly.
+files), local or on object storage. Given an output root with a scene table
+(``OUTPUT/_ledger``, :mod:`pipeline.io.index`), the query reads that first (a few requests,
+whatever the number of scenes) and opens only the scene files whose bbox, time range, classes
+and scene id can match; without one it lists ``detections/``. Each file opened costs one
+small read of its footer (exactly its length when the index knows it); the row-group
+statistics of the ``bbox`` covering columns, ``score``, ``class_name``, ``scene_id`` and
+``acquired_at`` then rule out row groups without reading their data; the remaining row groups
+are read, only the columns needed, and filtered exactly. With a limit, reading stops once it
+has that many rows (files still in flight finish; no others start).
 
 The bbox filter keeps rows whose covering box intersects the query box (edges included), as
 ``geopandas.read_parquet(bbox=...)`` does.
@@ -15,7 +20,9 @@ from __future__ import annotations
 import io
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -234,12 +241,18 @@ FOOTER_READ = 16 * 1024
 READ_THREADS = 16
 
 
-def read_footer(filesystem: pafs.FileSystem, path: str) -> pq.FileMetaData:
-    """A Parquet file's metadata, read with one request (two if the footer is large)."""
+def read_footer(
+    filesystem: pafs.FileSystem, path: str, hint: tuple[int, int] | None = None
+) -> pq.FileMetaData:
+    """A Parquet file's metadata, read with one request (two if the footer is large).
+
+    ``hint``: the file's size and footer length (from the index): the one request is then
+    exactly the footer.
+    """
     try:
         with filesystem.open_input_file(path) as handle:
-            size = handle.size()
-            tail = handle.read_at(min(size, FOOTER_READ), max(0, size - FOOTER_READ))
+            size, want = hint if hint else (handle.size(), FOOTER_READ - 8)
+            tail = handle.read_at(min(size, want + 8), max(0, size - want - 8))
             if size < 12 or tail[-4:] != b"PAR1":
                 raise QueryError(f"{path}: is not a Parquet file (no PAR1 magic at its end)")
             length = int.from_bytes(tail[-8:-4], "little")
@@ -276,20 +289,28 @@ class Detections:
     schema: pa.Schema  # the first file's (the writer's SCHEMA when there are no files)
     geo: dict | None  # the first file's ``geo`` metadata
     reads: ReadCounter | None = None  # what was read from storage, when counted
+    index: pa.Table | None = None  # per file in ``files`` (same order): its index entry
 
     def total_bytes(self) -> int:
-        """The size of every file of the dataset (a listing, no reads)."""
+        """The size of every file of the dataset (from the index, else a listing)."""
+        if self.index is not None and self.index.column("bytes").null_count == 0:
+            return int(pc.sum(self.index.column("bytes")).as_py() or 0)
         return sum(info.size for info in self.filesystem.get_file_info(self.files))
 
 
 def open_detections(
-    source: str, filesystem: pafs.FileSystem | None = None, *, count_reads: bool = False
+    source: str,
+    filesystem: pafs.FileSystem | None = None,
+    *,
+    count_reads: bool = False,
+    use_index: bool = True,
 ) -> Detections:
-    """List a dataset's files: an output root, its ``detections`` folder, a glob or one file.
+    """A dataset's files: an output root, its ``detections`` folder, a glob or one file.
 
-    ``filesystem`` (a pyarrow filesystem over the same paths) replaces the one the URI
-    implies. ``count_reads`` counts every byte read from storage from here on
-    (``Detections.reads``), the first file's footer included.
+    An output root with a scene table is read through it (``use_index=False``: list the
+    folder instead). ``filesystem`` (a pyarrow filesystem over the same paths) replaces the
+    one the URI implies. ``count_reads`` counts every byte read from storage from here on
+    (``Detections.reads``), the index and the first file's footer included.
 
     Raises:
         QueryError: when nothing is there, or the first file is not GeoParquet.
@@ -298,14 +319,20 @@ def open_detections(
 
     fs, root = fsspec.core.url_to_fs(source)
     root = root.rstrip("/") or "/"
+    index, index_sizes = None, ()
     if _GLOB.search(root):
         files = sorted(fs.glob(root))
     elif fs.isfile(root):
         files = [root]
     elif fs.isdir(root):
-        folder = f"{root}/detections" if fs.isdir(f"{root}/detections") else root
-        # '*.parquet' leaves out files still being written ('<name>.parquet.tmp-<hex>').
-        files = sorted(fs.glob(f"{folder}/*.parquet"))
+        if use_index:
+            index, index_sizes = read_index(source, root)
+        if index is not None:
+            files = index.column("file").to_pylist()
+        else:
+            folder = f"{root}/detections" if fs.isdir(f"{root}/detections") else root
+            # '*.parquet' leaves out files still being written ('<name>.parquet.tmp-<hex>').
+            files = sorted(fs.glob(f"{folder}/*.parquet"))
     else:
         raise QueryError(f"{source}: no such file or folder")
     if filesystem is None:
@@ -314,14 +341,52 @@ def open_detections(
     reads = None
     if count_reads:
         filesystem, reads = counting_filesystem(filesystem)
+        for size in index_sizes:
+            reads.add(size)
     crs, schema, geo = CRS.from_user_input("OGC:CRS84"), SCHEMA, None
-    if files:
+    indexed_crs = _index_crs(index)
+    if indexed_crs is not None:  # no footer needed: the writer's schema, the index's CRS
+        crs = CRS.from_user_input(indexed_crs)
+    elif files:
         first = read_footer(filesystem, files[0])
         geo, schema = geo_of(first, files[0]), first.schema.to_arrow_schema()
         column = geo["columns"][geo.get("primary_column", "geometry")]
         if column.get("crs") is not None:  # absent means lon/lat (GeoParquet spec)
             crs = CRS.from_json_dict(column["crs"])
-    return Detections(source, files, filesystem, crs, schema, geo, reads)
+    return Detections(source, files, filesystem, crs, schema, geo, reads, index)
+
+
+def read_index(source: str, root: str) -> tuple[pa.Table | None, tuple[int, ...]]:
+    """The scene files an output's scene table lists (with a ``file`` column: the path to
+    open), and the sizes of the objects read for it; None when the output has no table.
+
+    A file counts once its done record is written; the latest done record describes it.
+    """
+    from pipeline.io.index import scene_files
+    from pipeline.io.ledger import Ledger
+
+    found = Ledger(source, compact_at=None).snapshot()
+    if found.table.num_rows == 0:
+        return None, found.sizes
+    files = scene_files(found.table).sort_by("path")
+    paths = [_resolve(root, path) for path in files.column("path").to_pylist()]
+    return files.append_column("file", pa.array(paths, pa.string())), found.sizes
+
+
+def _resolve(root: str, path: str) -> str:
+    """An index path (relative to the output root, or a whole URI) as a filesystem path."""
+    if "://" in path or path.startswith("/"):
+        import fsspec
+
+        return fsspec.core.url_to_fs(path)[1]
+    return f"{root}/{path}"
+
+
+def _index_crs(index: pa.Table | None) -> str | None:
+    if index is None:
+        return None
+    known = pc.drop_null(index.filter(pc.fill_null(index.column("indexed"), False))["crs"])
+    return known[0].as_py() if len(known) else None
 
 
 def geo_of(metadata: pq.FileMetaData, path: str) -> dict:
@@ -332,11 +397,76 @@ def geo_of(metadata: pq.FileMetaData, path: str) -> dict:
     return json.loads(geo)
 
 
+def candidates(found: Detections, where: QueryFilter) -> list[tuple[str, tuple | None]]:
+    """The files that may hold a passing row, each with its footer hint (size, length).
+
+    Only the index rules files out: one whose entry proves that no row can pass (no rows; a
+    bbox, time range, class set or scene id that misses). A file without an entry (written
+    by an older version) may hold anything.
+    """
+    if found.index is None:
+        return [(path, None) for path in found.files]
+    index = found.index
+    keep = np.asarray(_index_may_match(index, where, found.crs), dtype=bool)
+    sizes, footers = index.column("bytes").to_pylist(), index.column("footer_bytes").to_pylist()
+    return [
+        (path, (size, footer) if size and footer else None)
+        for path, size, footer, kept in zip(found.files, sizes, footers, keep, strict=True)
+        if kept
+    ]
+
+
+def _index_may_match(index: pa.Table, where: QueryFilter, crs: CRS) -> pa.Array:
+    """Per index entry: whether its file may hold a row that passes ``where``."""
+    indexed = pc.fill_null(index.column("indexed"), False)
+    keep = pc.invert(pc.equal(pc.fill_null(index.column("detections"), 1), 0))
+    if where.scenes:
+        keep = pc.and_(keep, pc.is_in(index.column("scene_id"), pa.array(where.scenes)))
+    if where.bbox is not None:
+        xmin, ymin, xmax, ymax = where.bbox
+        hit = pc.and_(
+            pc.and_(pc.less_equal(index["xmin"], xmax), pc.greater_equal(index["xmax"], xmin)),
+            pc.and_(pc.less_equal(index["ymin"], ymax), pc.greater_equal(index["ymax"], ymin)),
+        )
+        # An entry in another CRS than the dataset's cannot be compared: it may match.
+        other = pc.invert(pc.equal(pc.fill_null(index["crs"], ""), _crs_text(index, crs)))
+        keep = pc.and_(keep, pc.or_(pc.invert(indexed), pc.or_(pc.fill_null(hit, False), other)))
+    stamp = pa.timestamp("us", tz="UTC")
+    if where.since is not None:
+        late = pc.greater_equal(index["time_end"], pa.scalar(where.since, stamp))
+        keep = pc.and_(keep, pc.or_(pc.invert(indexed), pc.fill_null(late, False)))
+    if where.until is not None:
+        early = pc.less(index["time_start"], pa.scalar(where.until, stamp))
+        keep = pc.and_(keep, pc.or_(pc.invert(indexed), pc.fill_null(early, False)))
+    if where.classes:
+        keep = pc.and_(keep, pc.or_(pc.invert(indexed), _has_any(index["classes"], where.classes)))
+    return keep
+
+
+def _crs_text(index: pa.Table, crs: CRS) -> str:
+    """The CRS spelling the index uses for the dataset's CRS."""
+    return _index_crs(index) or crs.to_string()
+
+
+def _has_any(classes: pa.ChunkedArray, wanted: tuple[str, ...]) -> pa.Array:
+    """Per list of class names: whether it holds any of ``wanted``."""
+    lists = classes.combine_chunks()
+    flat = pc.is_in(pc.list_flatten(lists), pa.array(wanted))
+    hits = np.zeros(len(lists), dtype=bool)
+    parents = pc.list_parent_indices(lists).to_numpy()
+    hits[parents[flat.to_numpy(zero_copy_only=False)]] = True
+    return pa.array(hits)
+
+
 def _read_file(
-    found: Detections, path: str, where: QueryFilter, columns: list[str]
+    found: Detections,
+    path: str,
+    where: QueryFilter,
+    columns: list[str],
+    hint: tuple[int, int] | None = None,
 ) -> pa.Table | None:
     """One file's passing rows: its footer, then only the row groups the statistics allow."""
-    metadata = read_footer(found.filesystem, path)
+    metadata = read_footer(found.filesystem, path, hint)
     groups = [
         i for i in range(metadata.num_row_groups) if may_match(row_group_stats(metadata, i), where)
     ]
@@ -377,17 +507,45 @@ def query_detections(
         raise QueryError(f"columns {unknown}: not in {found.source} ({found.schema.names})")
     parts: list[pa.Table] = []
     rows = 0
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-        for table in pool.map(lambda path: _read_file(found, path, where, columns), found.files):
-            if table is None or table.num_rows == 0:
-                continue
-            parts.append(table)
-            rows += table.num_rows
-            if limit is not None and rows >= limit:
-                break
+    for table in _file_tables(found, candidates(found, where), where, columns):
+        if table is None or table.num_rows == 0:
+            continue
+        parts.append(table)
+        rows += table.num_rows
+        if limit is not None and rows >= limit:
+            break
     schema = pa.schema([found.schema.field(c) for c in columns])
     result = pa.concat_tables(parts) if parts else schema.empty_table()
     return result.slice(0, limit) if limit is not None else result
+
+
+def _file_tables(
+    found: Detections,
+    files: list[tuple[str, tuple | None]],
+    where: QueryFilter,
+    columns: list[str],
+) -> Iterator[pa.Table | None]:
+    """Each file's passing rows, in file order, at most ``READ_THREADS`` files in flight:
+    a consumer that stops early (a limit) leaves the other files unread."""
+    queue = iter(files)
+    in_flight: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+
+        def submit() -> None:
+            for path, hint in queue:
+                in_flight.append(pool.submit(_read_file, found, path, where, columns, hint))
+                return
+
+        try:
+            for _ in range(READ_THREADS):
+                submit()
+            while in_flight:
+                table = in_flight.popleft().result()
+                submit()
+                yield table
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 def count_detections(
