@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pyarrow.csv
 import pytest
-from detections_data import write_dataset
+from detections_data import scene_rows, write_indexed, write_indexed_dataset
 
+from pipeline.io.ledger import Ledger
 from pipeline.io.query import QueryFilter, count_detections, query_detections
 
 README = Path(__file__).parents[1] / "README.md"
@@ -35,8 +36,18 @@ def recipes() -> dict[str, str]:
 def workdir(tmp_path_factory) -> Path:
     """A folder holding ``out/``, as a user's would after a run."""
     folder = tmp_path_factory.mktemp("readme")
-    write_dataset(folder / "out", scenes=4, count=300)
+    write_indexed_dataset(folder / "out", scenes=2, count=300)
+    Ledger(str(folder / "out")).compact()  # the index: one compacted file and two fragments
+    for k in (2, 3):
+        write_indexed(folder / "out", scene_rows(k, 300))
     return folder
+
+
+SINCE_29_MAY = ["s1.parquet", "s2.parquet", "s3.parquet"]  # s0 was acquired on 28 May
+
+
+def names(paths) -> list[str]:
+    return sorted(Path(p).name for p in paths)
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +86,18 @@ def test_the_cli_recipe_matches_the_library(workdir, cli_results):
 
 
 def test_geopandas_recipe(workdir, cli_results, monkeypatch):
-    ships = run_recipe("geopandas", workdir, monkeypatch)["ships"]
+    namespace = run_recipe("geopandas", workdir, monkeypatch)
+    ships = namespace["ships"]
+    assert names(namespace["files"]) == SINCE_29_MAY  # the index ruled out s0
     assert set(ships.detection_id) == cli_results[0]
     assert len(ships) == len(cli_results[0])
     assert ships.crs.to_string() == "OGC:CRS84"
 
 
 def test_duckdb_recipe(workdir, cli_results, monkeypatch):
-    ships = run_recipe("duckdb", workdir, monkeypatch)["ships"]
+    namespace = run_recipe("duckdb", workdir, monkeypatch)
+    ships = namespace["ships"]
+    assert names(namespace["files"]) == SINCE_29_MAY
     assert set(ships.detection_id) == cli_results[0]
     assert len(ships) == len(cli_results[0])
     assert ships.wkt.iloc[0].startswith("POLYGON ((15.")
@@ -96,6 +111,8 @@ def test_duckdb_count_recipe(workdir, cli_results, monkeypatch):
 
 
 def test_polars_recipe(workdir, cli_results, monkeypatch):
-    ships = run_recipe("polars", workdir, monkeypatch)["ships"]
+    namespace = run_recipe("polars", workdir, monkeypatch)
+    ships = namespace["ships"]
+    assert names(namespace["index"]["path"]) == SINCE_29_MAY
     assert set(ships["detection_id"].to_list()) == cli_results[0]
     assert ships.height == len(cli_results[0])

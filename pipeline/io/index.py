@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -266,12 +267,16 @@ def latest_per(table: pa.Table, keys: list[str]) -> pa.Table:
             ("record_id", "descending"),
         ]
     )
-    first = [True] * ordered.num_rows
-    columns = [ordered.column(k).to_pylist() for k in keys]
-    previous = None
-    for i, key in enumerate(zip(*columns, strict=True)):
-        first[i] = key != previous
-        previous = key
+    # A row is its key's latest when its key differs from the previous row's.
+    first = np.zeros(ordered.num_rows, dtype=bool)
+    first[0] = True
+    for key in keys:
+        column = ordered.column(key).combine_chunks()
+        changed = pc.fill_null(pc.not_equal(column[1:], column[:-1]), True)
+        if column.null_count:  # null == null is the same key; null != value is not
+            both = pc.and_(pc.is_null(column[1:]), pc.is_null(column[:-1]))
+            changed = pc.and_(changed, pc.invert(both))
+        first[1:] |= changed.to_numpy(zero_copy_only=False)
     return ordered.filter(pa.array(first))
 
 

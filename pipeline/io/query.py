@@ -251,20 +251,24 @@ def read_footer(
     """
     try:
         with filesystem.open_input_file(path) as handle:
-            size, want = hint if hint else (handle.size(), FOOTER_READ - 8)
-            tail = handle.read_at(min(size, want + 8), max(0, size - want - 8))
-            if size < 12 or tail[-4:] != b"PAR1":
-                raise QueryError(f"{path}: is not a Parquet file (no PAR1 magic at its end)")
-            length = int.from_bytes(tail[-8:-4], "little")
-            if length + 8 > size:
-                raise QueryError(f"{path}: Parquet footer longer than the file")
-            missing = length + 8 - len(tail)
-            if missing > 0:  # a footer longer than the first read: fetch only the rest
-                tail = handle.read_at(missing, size - length - 8) + tail
-        # Parquet's parser wants the footer as the end of a file that starts with the magic.
-        return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
+            return _footer_of(handle, path, hint)
     except (pa.ArrowInvalid, OSError) as error:
         raise QueryError(f"{path}: cannot be read as Parquet: {error}") from None
+
+
+def _footer_of(handle: pa.NativeFile, path: str, hint: tuple[int, int] | None) -> pq.FileMetaData:
+    size, want = hint if hint else (handle.size(), FOOTER_READ - 8)
+    tail = handle.read_at(min(size, want + 8), max(0, size - want - 8))
+    if size < 12 or tail[-4:] != b"PAR1":
+        raise QueryError(f"{path}: is not a Parquet file (no PAR1 magic at its end)")
+    length = int.from_bytes(tail[-8:-4], "little")
+    if length + 8 > size:
+        raise QueryError(f"{path}: Parquet footer longer than the file")
+    missing = length + 8 - len(tail)
+    if missing > 0:  # a footer longer than the first read: fetch only the rest
+        tail = handle.read_at(missing, size - length - 8) + tail
+    # Parquet's parser wants the footer as the end of a file that starts with the magic.
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-(length + 8) :]))
 
 
 class _ExactReads(pafs.FSSpecHandler):
@@ -416,6 +420,22 @@ def candidates(found: Detections, where: QueryFilter) -> list[tuple[str, tuple |
     ]
 
 
+def matching_files(source: str, where: QueryFilter = QueryFilter()) -> list[str]:
+    """The scene files of ``source`` that may hold a row passing ``where``, as URIs (or local
+    paths): what another reader (DuckDB, polars, geopandas) needs to open, and no more."""
+    found = open_detections(source)
+    where = in_dataset_crs(where, found.crs)
+    protocol = _protocol(source)
+    paths = [path for path, _ in candidates(found, where)]
+    return paths if protocol is None else [f"{protocol}://{path}" for path in paths]
+
+
+def _protocol(source: str) -> str | None:
+    """The URI scheme of ``source``; None for local paths."""
+    scheme, _, rest = source.partition("://")
+    return None if not rest or scheme in ("file", "local") else scheme
+
+
 def _index_may_match(index: pa.Table, where: QueryFilter, crs: CRS) -> pa.Array:
     """Per index entry: whether its file may hold a row that passes ``where``."""
     indexed = pc.fill_null(index.column("indexed"), False)
@@ -465,22 +485,24 @@ def _read_file(
     columns: list[str],
     hint: tuple[int, int] | None = None,
 ) -> pa.Table | None:
-    """One file's passing rows: its footer, then only the row groups the statistics allow."""
-    metadata = read_footer(found.filesystem, path, hint)
-    groups = [
-        i for i in range(metadata.num_row_groups) if may_match(row_group_stats(metadata, i), where)
-    ]
-    if not groups:
-        return None
-    expression = filter_expression(where)
-    needed = columns + [c for c in filter_columns(where) if c not in columns]
+    """One file's passing rows: its footer, then only the row groups the statistics allow
+    (the file opened once)."""
     try:
         with found.filesystem.open_input_file(path) as handle:
-            table = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True).read_row_groups(
-                groups, columns=needed
-            )
+            metadata = _footer_of(handle, path, hint)
+            groups = [
+                i
+                for i in range(metadata.num_row_groups)
+                if may_match(row_group_stats(metadata, i), where)
+            ]
+            if not groups:
+                return None
+            needed = columns + [c for c in filter_columns(where) if c not in columns]
+            reader = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
+            table = reader.read_row_groups(groups, columns=needed)
     except (pa.ArrowInvalid, OSError) as error:
         raise QueryError(f"{path}: cannot be read: {error}") from None
+    expression = filter_expression(where)
     if expression is not None:
         table = table.filter(expression)
     return table.select(columns)
