@@ -107,6 +107,22 @@ def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> list[Ti
     return tiles
 
 
+def plan_offsets(
+    width: int, height: int, tile_size: int, overlap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of :func:`plan_tiles` as two int32 arrays ``(col_offs, row_offs)``, row-major.
+
+    What travels between stages: two integers a tile, never an object a tile.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"raster has no pixels: {width}x{height}")
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap {overlap} must be in [0, tile_size={tile_size})")
+    cols = np.asarray(axis_offsets(width, tile_size, overlap), dtype=np.int32)
+    rows = np.asarray(axis_offsets(height, tile_size, overlap), dtype=np.int32)
+    return np.tile(cols, len(rows)), np.repeat(rows, len(cols))
+
+
 def inner_edges(
     col_off: int, row_off: int, tile_size: int, width: int, height: int
 ) -> tuple[bool, bool, bool, bool]:
