@@ -165,11 +165,12 @@ class DetectSettings(_Strict):
         None, ge=1, description="CPU inference threads per actor; default: cores / num_actors."
     )
     stall_timeout_s: float = Field(
-        3600.0,
+        600.0,
         gt=0,
         description="No tile back for this long (an actor that dies at every start, a batch "
         "that kills every actor, GPUs that never come): the scenes in flight fail and the run "
-        "ends. Allow for the autoscaler bringing GPU nodes up from zero.",
+        "ends. Ten minutes by default: a stuck run says so soon, and an autoscaler brings a GPU "
+        "node up from zero in about five; raise it where nodes take longer.",
     )
 
     @model_validator(mode="before")
