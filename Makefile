@@ -18,7 +18,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/georetina demo
 
-# Rebuilds models/demo_r18_c4.safetensors (shipped): synthetic scenes, then georetina train.
+# Rebuilds pipeline/demo_data/demo_r18_c4.safetensors (shipped in the package): synthetic
+# scenes, then georetina train.
 demo-model: $(STAMP)
 	$(BIN)/python -m pipeline.io.synthetic demo-output/train
 	$(BIN)/georetina train jobs/train_demo.yaml

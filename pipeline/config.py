@@ -45,16 +45,30 @@ class ModelSettings(_Strict):
         "georeferencing, it learns nothing.",
     )
     name: str = Field("retinanet", description="Human name; part of model_id.")
-    backbone: Backbone = "resnet18_fpn"
+    backbone: Backbone = Field(
+        "resnet18_fpn",
+        description="ResNet trunk of the FPN: resnet18_fpn, resnet50_fpn (the "
+        "paper's) or resnet50_fpn_v2 (torchvision's improved variant).",
+    )
     classes: list[str] = Field(["object"], min_length=1, description="Class names, by id.")
     checkpoint: str | None = Field(
         None, description="Path or fsspec URI of a state dict (.pt/.pth or .safetensors)."
     )
-    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    score_threshold: float = Field(0.05, ge=0.0, le=1.0)
+    checkpoint_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected sha256 of the checkpoint file (64 hex); checked when given.",
+    )
+    score_threshold: float = Field(
+        0.05, ge=0.0, le=1.0, description="Boxes scoring below this are dropped (the paper's 0.05)."
+    )
     nms_threshold: float = Field(0.5, gt=0.0, le=1.0, description="NMS IoU within a tile.")
     topk_candidates: int = Field(1000, gt=0, description="Candidates per pyramid level.")
-    detections_per_tile: int = Field(1000, gt=0)
+    detections_per_tile: int = Field(
+        1000,
+        gt=0,
+        description="Most boxes kept per tile (torchvision's 300 is low for dense scenes).",
+    )
     fpn_stages: list[int] = Field(
         [2, 3, 4],
         min_length=1,
@@ -67,7 +81,9 @@ class ModelSettings(_Strict):
     anchor_sizes: list[int] = Field(
         [32, 64, 128, 256, 512], description="Anchor size per pyramid level (P3 upwards)."
     )
-    aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+    aspect_ratios: list[float] = Field(
+        [0.5, 1.0, 2.0], min_length=1, description="Anchor height/width ratios at every level."
+    )
     threshold_level: int = Field(
         200, ge=1, le=255, description="kind=threshold: pixel level that counts as object."
     )
@@ -150,10 +166,10 @@ class DetectSettings(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         "bf16", description="Autocast dtype on CUDA; the CPU always runs fp32."
     )
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="Tiles per forward pass of a detector actor.")
     num_actors: int = Field(1, ge=1, description="Detector actors in the pool.")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="0 = CPU; 0.5 = two per GPU.")
-    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per actor.")
     inflight_mb_per_actor: int = Field(
         None,  # filled in by _inflight_default, from where the actor runs
         ge=16,
@@ -210,7 +226,7 @@ class MergeSettings(_Strict):
 class OutputSettings(_Strict):
     path: str = Field(..., description="Directory or fsspec URI for GeoParquet + ledger.")
     crs: str = Field("OGC:CRS84", description="CRS of the geometry column, for every scene.")
-    row_group_size: int = Field(10_000, ge=100)
+    row_group_size: int = Field(10_000, ge=100, description="Rows per Parquet row group.")
 
 
 def parse_datetime_interval(text: str) -> tuple[datetime | None, datetime | None]:
@@ -309,7 +325,7 @@ class ListInput(_Strict):
 
 
 class StacInput(_Strict):
-    stac: StacSearch
+    stac: StacSearch = Field(..., description="A STAC catalog or API search to take items from.")
 
 
 def _input_kind(value: Any) -> str | None:
@@ -342,7 +358,9 @@ InputItem = Annotated[
 class JobSpec(_Strict):
     """One job file: inputs, model, tiling, detection, merge and output settings."""
 
-    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        "job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name (letters, digits, . _ -)."
+    )
     inputs: list[InputItem] = Field(
         ...,
         min_length=1,
@@ -536,7 +554,9 @@ class ChipSettings(_Strict):
 
     size: int = Field(256, ge=32, le=2048, description="Chip side in pixels.")
     per_epoch: int = Field(512, ge=1, description="Chips per epoch (over all workers).")
-    background_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    background_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="Share of chips sampled away from labels."
+    )
     min_visible: float = Field(
         0.6, gt=0.0, le=1.0, description="A box cut by the chip edge counts if this much shows."
     )
@@ -545,40 +565,50 @@ class ChipSettings(_Strict):
 class OptimSettings(_Strict):
     """RetinaNet's recipe: SGD with momentum, weight decay, warm-up and step decays."""
 
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(12, ge=1, description="Passes over per_epoch chips.")
     batch_size: int = Field(8, ge=1, description="Chips per step, per worker.")
     optimizer: Literal["sgd", "adamw"] = Field(
         "sgd",
         description="'sgd' (the paper's, with momentum) or 'adamw' (converges in fewer steps "
         "from random weights, useful on CPUs; use learning_rate ~1e-3 with it).",
     )
-    learning_rate: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    learning_rate: float = Field(0.01, gt=0.0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(
+        1e-4, ge=0.0, description="L2 penalty; not applied to norms and biases."
+    )
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up from lr/10.")
     lr_steps: list[float] = Field(
         [0.67, 0.89],
         description="Fractions of training at which lr is multiplied by lr_gamma "
         "(the paper's 60k and 80k of 90k iterations).",
     )
-    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
-    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
-    focal_gamma: float = Field(2.0, ge=0.0)
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0, description="Factor at each of lr_steps.")
+    focal_alpha: float = Field(
+        0.25, ge=0.0, le=1.0, description="Focal loss weight of positives (the paper's 0.25)."
+    )
+    focal_gamma: float = Field(
+        2.0, ge=0.0, description="Focal loss focusing exponent (the paper's 2)."
+    )
     grad_clip: float | None = Field(10.0, gt=0.0, description="Max gradient norm; null = off.")
 
 
 class TrainScaling(_Strict):
     """Ray Train workers: one per GPU, or CPU workers."""
 
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0.0, description="CPUs per worker; also its torch threads on a CPU."
+    )
 
 
 class TrainSpec(_Strict):
     """One training file: model settings, label sources, chips, optimiser, output checkpoint."""
 
-    name: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(
+        "train", pattern=r"^[A-Za-z0-9_.-]+$", description="Training name (letters, digits, . _ -)."
+    )
     model: ModelSettings = Field(
         ModelSettings(),
         description="As in a job (a preset path works); its checkpoint is not used here.",
@@ -588,17 +618,19 @@ class TrainSpec(_Strict):
         description="Weights to start from (fine-tuning, e.g. a DeepForest or torchvision "
         "checkpoint); tensors whose shapes differ (another class list) start fresh.",
     )
-    data: list[LabelSource] = Field(..., min_length=1)
-    bands: list[int] | None = None
-    scale_range: tuple[float, float] | None = None
-    chips: ChipSettings = ChipSettings()
-    optim: OptimSettings = OptimSettings()
-    scaling: TrainScaling = TrainScaling()
+    data: list[LabelSource] = Field(..., min_length=1, description="Labelled rasters.")
+    bands: list[int] | None = Field(None, description="As tiling.bands in a job.")
+    scale_range: tuple[float, float] | None = Field(
+        None, description="As tiling.scale_range in a job."
+    )
+    chips: ChipSettings = Field(ChipSettings(), description="Training chips.")
+    optim: OptimSettings = Field(OptimSettings(), description="Optimiser and schedule.")
+    scaling: TrainScaling = Field(TrainScaling(), description="Ray Train workers.")
     output: str = Field(..., description="Checkpoint to write (.safetensors), path or URI.")
     save_dtype: Literal["fp32", "fp16"] = Field(
         "fp32", description="fp16 halves the file; loading converts back to fp32."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of chip sampling and weight init.")
 
     @model_validator(mode="after")
     def _retinanet_only(self) -> TrainSpec:
@@ -638,3 +670,40 @@ def load_train_spec(path: str | Path) -> TrainSpec:
         return TrainSpec.model_validate(data)
     except ValidationError as error:
         raise JobSpecError(str(path), _format_errors(error)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# JSON Schema (``georetina schema job|train``), for editors' YAML language servers
+# --------------------------------------------------------------------------------------------
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of a job file, with every field's description and default."""
+    return _file_schema(JobSpec.model_json_schema(), "georetina job file")
+
+
+def train_schema() -> dict[str, Any]:
+    """The JSON Schema of a training file (``georetina train``)."""
+    return _file_schema(TrainSpec.model_json_schema(), "georetina training file")
+
+
+def _file_schema(schema: dict[str, Any], title: str) -> dict[str, Any]:
+    """The models' schema, plus what the loader accepts before validation: ``model`` may
+    name a preset file, and ``detect.inflight_mb_per_actor`` may be null (the default)."""
+    schema = {"$schema": JSON_SCHEMA_DIALECT, **schema, "title": title}
+    model = schema["properties"]["model"]
+    preset = {"type": "string", "description": "A model preset: YAML file of model settings."}
+    described = model.pop("description", None) or schema["$defs"]["ModelSettings"]["description"]
+    schema["properties"]["model"] = {
+        "anyOf": [{"$ref": model.pop("$ref")}, preset],
+        "description": described,
+        **model,
+    }
+    detect = schema["$defs"].get("DetectSettings")
+    if detect is not None:
+        inflight = detect["properties"]["inflight_mb_per_actor"]
+        number = {"type": inflight.pop("type"), "minimum": inflight.pop("minimum")}
+        inflight["anyOf"] = [number, {"type": "null"}]
+    return schema

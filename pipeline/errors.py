@@ -1,4 +1,10 @@
-"""One root exception; subclasses also inherit ValueError/OSError so callers can catch either."""
+"""One root exception; subclasses also inherit ValueError/OSError so callers can catch either.
+
+Two families tell the command line which exit code an error means: :class:`JobFileError`
+(2, the job or training file is invalid) and :class:`CannotStartError` (3, a valid job that
+cannot start: output not writable, inputs unreachable, checkpoint missing or mismatched,
+cluster unreachable or too small).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,11 @@ class GeoRetinaError(Exception):
     """Root of every error this package raises on purpose."""
 
 
-class JobSpecError(GeoRetinaError, ValueError):
+class JobFileError(GeoRetinaError, ValueError):
+    """The job or training file is invalid: it cannot be read, parsed or validated."""
+
+
+class JobSpecError(JobFileError):
     """A job file that does not validate; lists every bad field with its path."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
@@ -35,8 +45,28 @@ class SceneError(GeoRetinaError, ValueError):
         return (type(self), (self.scene, self.problem))
 
 
-class CheckpointError(GeoRetinaError, ValueError):
-    """A checkpoint that cannot be loaded safely or does not match the model settings."""
+class CannotStartError(GeoRetinaError):
+    """A valid job that cannot start; the message names what is missing or unreachable."""
+
+
+class OutputNotWritableError(CannotStartError, OSError):
+    """The output location cannot be written (checked before any scene is read)."""
+
+
+class InputsUnreachableError(CannotStartError, OSError):
+    """An input list file, STAC catalog or STAC API cannot be read."""
+
+
+class ClusterUnreachableError(CannotStartError, ConnectionError):
+    """The Ray cluster or its Job API cannot be reached."""
+
+
+class ClusterTooSmallError(CannotStartError, ValueError):
+    """The job's actors or in-flight tiles cannot fit the cluster as it is."""
+
+
+class CheckpointError(CannotStartError, ValueError):
+    """A checkpoint that is missing, cannot be loaded safely or does not match the model."""
 
 
 class QueryError(GeoRetinaError, ValueError):

@@ -122,6 +122,6 @@ def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
             }
         )
     )
-    assert main(["run", str(job)]) == 2
+    assert main(["run", str(job)]) == 3  # the run could not start
     assert f"output {blocker / 'out'} is not writable" in capsys.readouterr().err
     assert not (blocker.parent / "out").exists()

@@ -1,11 +1,11 @@
 """``georetina submit|status|logs|stop``: jobs on a Ray cluster's Job API. Parses, then calls
-:mod:`pipeline.jobs.submit`; exit codes as for ``run`` (0 ok, 1 the job failed, 2 an error)."""
+:mod:`pipeline.jobs.submit`; exit codes as for ``run`` (0 ok, 1 the job failed, 2 an invalid
+job file, 3 the cluster cannot be reached or refused the job)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 1 if result.status in ("FAILED", "STOPPED") else 0
     print(f"submitted {result.submission_id}")
     for warning in result.warnings:
-        print(f"georetina: warning: {warning}", file=sys.stderr)
+        args.console.warning(warning)
     if not args.wait:
         return 0
     from pipeline.jobs.submit import wait_for_job

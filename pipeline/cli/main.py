@@ -1,14 +1,34 @@
-"""``georetina`` command line: parses arguments and calls the library, nothing more."""
+"""``georetina`` command line: parses arguments and calls the library, nothing more.
+
+What it prints and what its exit codes mean: :mod:`pipeline.cli.console`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import inspect
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
+from pipeline.cli.console import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SCENES_FAILED,
+    Console,
+    exit_code_for,
+    open_console,
+)
 from pipeline.cli.jobs import add_job_parsers
 from pipeline.errors import GeoRetinaError, QueryError
+
+# Ctrl-C during a run: every scene written so far is in the ledger; the rest are redone.
+RESUME_HINT = (
+    "interrupted: scenes finished so far are recorded as done; run the same command again "
+    "to resume (they are skipped, the others are processed)"
+)
 
 
 def _print_report(report: object) -> None:
@@ -19,19 +39,41 @@ def _print_report(report: object) -> None:
     print("\n".join(summary_lines(report.as_dict())))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_job
+def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
+    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere.
+
+    The bar needs ``run_job``'s ``on_progress`` snapshots; a ``run_job`` without it gets the
+    plain lines on a terminal too.
+    """
+    from pipeline.cli.progress import PlainProgress, open_display
     from pipeline.jobs.run import run_job
 
+    snapshots = "on_progress" in inspect.signature(run_job).parameters
+    display = open_display(console.out, plain=None if snapshots else True)
+    if snapshots:
+        options["on_progress"] = display.update
+    try:
+        return run_job(spec, progress=display.line, **options)
+    finally:
+        display.close()
+        if not isinstance(display, PlainProgress):
+            console.out.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_job
+
     spec = load_job(args.job)
-    report = run_job(spec, address=args.address, run_id=args.run_id, force=args.force)
+    report = run_with_display(
+        spec, args.console, address=args.address, run_id=args.run_id, force=args.force
+    )
     _print_report(report)
     if args.quicklook:
-        _quicklooks(report)
-    return 1 if report.count("failed") else 0
+        _quicklooks(report, args.console)
+    return EXIT_SCENES_FAILED if report.count("failed") else EXIT_OK
 
 
-def _quicklooks(report: object) -> None:
+def _quicklooks(report: Any, console: Console) -> None:
     """One PNG per scene done in this run, drawn on the driver after the run."""
     from pipeline.io.quicklook import render_quicklook
 
@@ -40,7 +82,7 @@ def _quicklooks(report: object) -> None:
             try:
                 written = render_quicklook(scene.output, raster=scene.uri)
             except GeoRetinaError as error:  # one picture failing is not a failed run
-                print(f"  quicklook {scene.scene_id}: {error}", file=sys.stderr)
+                console.warning(f"quicklook {scene.scene_id}: {error}")
                 continue
             print(f"quicklook: {written}")
 
@@ -48,7 +90,30 @@ def _quicklooks(report: object) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.jobs.demo import run_demo
 
-    return run_demo(Path(args.job), size=args.size, address=args.address)
+    def run(spec: Any, **options: Any) -> Any:
+        return run_with_display(spec, args.console, **options)
+
+    job = Path(args.job) if args.job else None
+    return run_demo(job, size=args.size, address=args.address, run=run)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.config import job_schema, train_schema
+
+    schema = job_schema() if args.kind == "job" else train_schema()
+    print(json.dumps(schema, indent=2))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_job
+    from pipeline.jobs.validate import validate_job
+
+    spec = load_job(args.job)
+    print(f"job {args.job}: valid")
+    result = validate_job(spec, estimate=not args.no_estimate, on_line=print)
+    print("\n".join(result.lines()))
+    return EXIT_SCENES_FAILED if result.failing else EXIT_OK
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -80,14 +145,14 @@ def cmd_query(args: argparse.Namespace) -> int:
         table = query_detections(found, where, limit=args.limit)
     write_result(table, args.format, found, args.out, sys.stdout)
     if args.out:
-        print(f"{table.num_rows} row(s) -> {args.out}", file=sys.stderr)
+        print(f"{table.num_rows} row(s) -> {args.out}", file=args.console.err)
     if found.reads is not None:
         total = found.total_bytes()
         print(
             f"read {found.reads.bytes} of {total} bytes "
             f"({found.reads.bytes / max(total, 1):.2%}) in {found.reads.requests} requests, "
             f"{len(found.files)} file(s)",
-            file=sys.stderr,
+            file=args.console.err,
         )
     return 0
 
@@ -147,9 +212,15 @@ def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_train_spec
-    from pipeline.jobs.train import run_training
+    from pipeline.jobs.train import epoch_line, run_training
 
-    report = run_training(load_train_spec(args.train), address=args.address)
+    spec = load_train_spec(args.train)
+    report = run_training(
+        spec,
+        address=args.address,
+        on_epoch=lambda metrics: print(epoch_line(metrics, spec), flush=True),
+        show_worker_logs=args.verbose,
+    )
     print(f"checkpoint: {report.output}")
     print(f"sha256: {report.sha256}")
     print(
@@ -157,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{report.final_loss:.4f} (epoch {report.epochs})"
     )
     print(f"wall_s: {report.wall_s:.1f}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -194,12 +265,7 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=cmd_evaluate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="georetina", description="RetinaNet object detection over geo-raster archives."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_parsers(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="run a job file on local Ray or a cluster")
     run.add_argument("job", help="job YAML")
     run.add_argument(
@@ -214,25 +280,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    demo = commands.add_parser("demo", help="make a synthetic scene and run the demo job on it")
-    demo.add_argument("--job", default="jobs/demo.yaml", help="demo job file")
+    demo = commands.add_parser(
+        "demo",
+        help="make a synthetic scene and run the demo job on it (under ./demo-output)",
+    )
+    demo.add_argument(
+        "--job", default=None, help="demo job file (default: the one shipped in the package)"
+    )
     demo.add_argument("--size", type=int, default=3072, help="scene side in pixels")
     demo.add_argument("--address", default=None, help="Ray cluster address")
     demo.set_defaults(func=cmd_demo)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a job without running it: file, inputs, model, output, tiles, run time",
+    )
+    validate.add_argument("job", help="job YAML")
+    validate.add_argument(
+        "--no-estimate", action="store_true", help="skip timing the model for the estimate"
+    )
+    validate.set_defaults(func=cmd_validate)
+
+    schema = commands.add_parser(
+        "schema", help="print the JSON Schema of job or training files (for editors)"
+    )
+    schema.add_argument("kind", choices=["job", "train"])
+    schema.set_defaults(func=cmd_schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="georetina",
+        description="RetinaNet object detection over geo-raster archives.",
+        epilog="Exit codes: 0 ok, 1 some scenes failed, 2 invalid job or training file, "
+        "3 the run could not start, 70 a bug (the traceback's file is named), "
+        "130 interrupted.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_parsers(commands)
     add_job_parsers(commands)  # submit, status, logs, stop
     _add_query_parsers(commands)
     _add_train_parsers(commands)
+    for command in commands.choices.values():
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also show Ray's, GDAL's and PyTorch's own warnings, logs and progress",
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except GeoRetinaError as error:
-        print(f"georetina: error: {error}", file=sys.stderr)
-        return 2
+    with open_console(args.command, args.verbose) as console:
+        args.console = console
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            resumable = args.command == "run"
+            print(f"georetina: {RESUME_HINT if resumable else 'interrupted'}", file=console.err)
+            return EXIT_INTERRUPTED
+        except (GeoRetinaError, ConnectionError) as error:
+            console.error(str(error))
+            return exit_code_for(error)
+        except Exception as error:  # noqa: BLE001 - a bug: one line here, the rest in a file
+            where = console.crash_report(args.command, error)
+            summary = (str(error).strip().splitlines() or [""])[0][:300]
+            console.error(
+                f"unexpected {type(error).__name__}: {summary} (a bug in georetina; "
+                f"the full traceback is in {where})"
+            )
+            return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 
 from pipeline.config import InputItem, ListInput, StacInput
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import InputsUnreachableError
 from pipeline.io.scenes import IDENTITY_TIMEOUT_S, Scene, _identity, scene_id_for
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -87,6 +87,6 @@ def read_uri_list(uri: str) -> list[str]:
         with fsspec.open(uri, "r") as handle:
             text = handle.read()
     except (OSError, ValueError) as error:
-        raise GeoRetinaError(f"input list {uri} cannot be read: {error}") from None
+        raise InputsUnreachableError(f"input list {uri} cannot be read: {error}") from None
     base = uri.rsplit("/", 1)[0] if "://" in uri else str(Path(uri).parent)
     return parse_uri_list(text, base)

@@ -15,7 +15,7 @@ import pystac
 from pystac.stac_io import DefaultStacIO
 
 from pipeline.config import StacSearch
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import GeoRetinaError, InputsUnreachableError
 from pipeline.io.scenes import Scene, scene_id_for
 from pipeline.redact import redact_uri
 
@@ -44,7 +44,7 @@ def stac_scenes(search: StacSearch, now: datetime | None = None) -> list[Scene]:
     except GeoRetinaError:
         raise
     except Exception as error:  # noqa: BLE001 - pystac/pystac-client/HTTP errors, named here
-        raise GeoRetinaError(f"STAC source {where} cannot be read: {error}") from None
+        raise InputsUnreachableError(f"STAC source {where} cannot be read: {error}") from None
 
 
 def item_scene(item: pystac.Item, asset_key: str) -> Scene:
@@ -89,7 +89,9 @@ def catalog_items(search: StacSearch, now: datetime | None = None) -> Iterator[p
     try:
         root = pystac.read_file(str(search.catalog), stac_io=FsspecStacIO())
     except Exception as error:  # noqa: BLE001 - named with the catalog
-        raise GeoRetinaError(f"STAC catalog {search.catalog} cannot be read: {error}") from None
+        raise InputsUnreachableError(
+            f"STAC catalog {search.catalog} cannot be read: {error}"
+        ) from None
     if isinstance(root, pystac.Item):
         candidates: Iterable[pystac.Item] = [root]
     elif isinstance(root, pystac.Catalog):
@@ -141,7 +143,7 @@ def api_items(search: StacSearch, now: datetime | None = None) -> Iterator[pysta
     try:
         client = Client.open(str(search.api))
     except Exception as error:  # noqa: BLE001 - named with the API
-        raise GeoRetinaError(f"STAC API {search.api} cannot be opened: {error}") from None
+        raise InputsUnreachableError(f"STAC API {search.api} cannot be opened: {error}") from None
     result = client.search(
         collections=search.collections,
         bbox=list(search.bbox) if search.bbox else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,61 @@ def progress_line(
         f"scenes {scenes_done}/{scenes_total}, tiles {tiles_done}/{tiles_total} ({share:.0%}), "
         f"{rate:.2f} tiles/s, ETA {format_duration(eta)}"
     )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run stands: what ``run_job`` hands its ``on_progress`` callback.
+
+    Scenes and tiles are counted as they are discovered and planned, so both totals can grow
+    until ``discovery_finished``; ``busy_s`` is the run's time less Ray's own start.
+    """
+
+    scenes_done: int
+    scenes_failed: int
+    scenes_skipped: int
+    scenes_known: int  # discovered so far, skipped ones included
+    discovery_finished: bool
+    tiles_done: int
+    tiles_planned: int  # planned so far
+    busy_s: float
+
+    @property
+    def scenes_through(self) -> int:
+        return self.scenes_done + self.scenes_failed + self.scenes_skipped
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles_done / self.busy_s if self.busy_s > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the current rate; a lower bound while discovery goes on."""
+        rate = self.tiles_per_s
+        return (self.tiles_planned - self.tiles_done) / rate if rate > 0 else None
+
+    def eta_text(self) -> str:
+        more = "" if self.discovery_finished else ">"
+        eta = self.eta_s()
+        return more + format_duration(eta) if eta is not None else "?"
+
+    def scenes_text(self) -> str:
+        """``scenes 3/10`` (``3/10+`` while more may be found), with skips and failures."""
+        more = "" if self.discovery_finished else "+"
+        text = f"scenes {self.scenes_through}/{self.scenes_known}{more}"
+        extra = [
+            f"{count} {what}"
+            for count, what in ((self.scenes_skipped, "skipped"), (self.scenes_failed, "failed"))
+            if count
+        ]
+        return text + (f" ({', '.join(extra)})" if extra else "")
+
+    def line(self) -> str:
+        """``scenes 3/10 (1 failed), tiles 120/400 (30%), 2.10 tiles/s, ETA 2m13s``."""
+        share = self.tiles_done / self.tiles_planned if self.tiles_planned else 1.0
+        return (
+            f"{self.scenes_text()}, tiles {self.tiles_done}/{self.tiles_planned} "
+            f"({share:.0%}), {self.tiles_per_s:.2f} tiles/s, ETA {self.eta_text()}"
+        )
 
 
 _SCENE_PREFIX = re.compile(r"^scene \S+: ")

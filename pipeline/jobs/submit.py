@@ -24,7 +24,7 @@ from typing import Any
 
 import pipeline
 from pipeline.config import JobSpec, load_job
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import ClusterUnreachableError, GeoRetinaError
 
 # Never re-ship these: big, local, or what the cluster image already has.
 WORKING_DIR_EXCLUDES = [".git", ".venv", "**/__pycache__", "demo-output", "*.parquet", "_runs"]
@@ -33,7 +33,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 class SubmitError(GeoRetinaError, RuntimeError):
-    """The Job API refused or could not be reached; the message says which and why."""
+    """The Job API refused a request; the message says which and why. (One that cannot be
+    reached at all raises :class:`~pipeline.errors.ClusterUnreachableError`.)"""
 
 
 @dataclass(frozen=True)
@@ -122,21 +123,22 @@ def job_path_in(working_dir: Path, job: Path) -> str:
 
 
 @contextlib.contextmanager
-def _job_api(what: str) -> Iterator[None]:
+def _job_api(what: str, error_type: type[GeoRetinaError] = SubmitError) -> Iterator[None]:
     """Errors of the Job API (HTTP, refused, unknown id, missing or wrong token) named."""
     from ray.exceptions import RayError
 
     try:
         yield
     except (ConnectionError, RuntimeError, ValueError, RayError) as error:
-        raise SubmitError(f"{what}: {error}") from None
+        raise error_type(f"{what}: {error}") from None
 
 
 def client(address: str | None) -> Any:
     """A Job Submission client; ``address`` None means ``RAY_ADDRESS``."""
     from ray.job_submission import JobSubmissionClient
 
-    with _job_api(f"cannot reach the Ray Job API at {address or '$RAY_ADDRESS'}"):
+    where = f"cannot reach the Ray Job API at {address or '$RAY_ADDRESS'}"
+    with _job_api(where, ClusterUnreachableError):
         return JobSubmissionClient(address)
 
 

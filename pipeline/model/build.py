@@ -114,7 +114,10 @@ def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
     if uri.endswith(".safetensors"):
         from safetensors.torch import load
 
-        return load(blob)
+        try:
+            return load(blob)
+        except Exception as error:  # noqa: BLE001 - safetensors' own error for a bad file
+            raise CheckpointError(f"checkpoint {uri}: not a safetensors file ({error})") from None
     try:
         loaded = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
