@@ -43,6 +43,11 @@ class SceneBoard:
             self.attempts.popitem(last=False)
         return attempt, [s for s in scene_ids if s in self.failed]
 
+    def finish(self, key: tuple) -> None:
+        """Work ``key`` completed: a later start of it (its batch retried for another
+        scene's sake) is a first attempt again, not a sign that it kills workers."""
+        self.attempts.pop(key, None)
+
     def drain(self) -> tuple[list[tuple[str, int, Any]], list[tuple[str, str, Any]]]:
         planned, failures = self.planned, self.failures
         self.planned, self.failures = [], []

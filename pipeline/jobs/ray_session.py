@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import ClusterTooSmallError
 
 # glibc returns freed arenas to the OS after every forward pass and maps them back on the
 # next; these keep them (measured: 75.0 s → 53.6 s for a tile loop, ~200 MB more peak).
@@ -68,13 +68,13 @@ def check_layout_fits(
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     actor_cpus = num_actors * cpus_per_actor
     if gpus_per_actor > 0 and num_actors * gpus_per_actor > gpus > 0:
-        raise GeoRetinaError(
+        raise ClusterTooSmallError(
             f"detect.num_actors x detect.num_gpus_per_actor = {num_actors * gpus_per_actor:g} "
             f"GPUs, but the cluster has {gpus:g}: lower detect.num_actors"
         )
     if cpus and actor_cpus + read_cpus > cpus:
         fits = max(0.0, (cpus - read_cpus) / num_actors)
-        raise GeoRetinaError(
+        raise ClusterTooSmallError(
             f"detect.num_actors x detect.num_cpus_per_actor = {actor_cpus:g} CPUs leaves less "
             f"than the {read_cpus:g} CPU a read task needs on this cluster's {cpus:g}: the "
             f"actors would wait for tiles that no read could make. Lower detect.num_actors, "
@@ -87,7 +87,7 @@ def check_object_store(num_actors: int, inflight_mb_per_actor: int) -> None:
     budget = num_actors * inflight_mb_per_actor * 2**20
     capacity = ray.cluster_resources().get("object_store_memory", 0.0)
     if capacity and budget > capacity:
-        raise GeoRetinaError(
+        raise ClusterTooSmallError(
             f"detect.num_actors x detect.inflight_mb_per_actor = {budget / 2**20:.0f} MB of "
             f"tiles in flight, more than the cluster's object store ({capacity / 2**20:.0f} MB):"
             " lower detect.inflight_mb_per_actor or tiling.tile_size"

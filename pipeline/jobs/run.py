@@ -25,6 +25,7 @@ from pipeline.errors import GeoRetinaError, SceneError
 from pipeline.io.discovery import discover_scenes
 from pipeline.io.ledger import Ledger
 from pipeline.io.scenes import Scene
+from pipeline.io.writable import check_output_writable
 from pipeline.jobs.board import SceneBoard
 from pipeline.jobs.merging import SceneOutcome
 from pipeline.jobs.ray_session import (
@@ -63,21 +64,6 @@ READ_TASK_CPUS = 0.5
 PLAN_TASK_CPUS = 0.25
 
 
-def check_output_writable(output_root: str) -> None:
-    """Fail before any GPU work when the output cannot be written."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(output_root)
-    probe = f"{root.rstrip('/')}/_write_probe_{uuid.uuid4().hex}"
-    try:
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(probe, "wb") as handle:
-            handle.write(b"ok")
-        fs.rm(probe)
-    except (OSError, PermissionError, ValueError) as error:
-        raise GeoRetinaError(f"output {output_root} is not writable: {error}") from None
-
-
 def run_job(
     spec: JobSpec,
     *,
@@ -86,8 +72,13 @@ def run_job(
     force: bool = False,
     progress: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
+    detector_actor: type = DetectorActor,
 ) -> RunReport:
-    """Run a job to the end and return its report; one bad scene never stops the others."""
+    """Run a job to the end and return its report; one bad scene never stops the others.
+
+    ``detector_actor`` replaces the detector stage's class (same constructor and call) for
+    benchmarks and fault tests: a simulated GPU, a detector that fails on purpose.
+    """
     started = time.perf_counter()
     progress = _redacting(progress)
     run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -111,9 +102,9 @@ def run_job(
             detect.num_actors,
             detect.num_cpus_per_actor,
             detect.num_gpus_per_actor,
-            READ_TASK_CPUS + PLAN_TASK_CPUS,
+            READ_TASK_CPUS,  # plan and merge tasks take less; each waits its turn
         )
-        Flow(spec, report, progress, progress_every_s, started).run(todo)
+        Flow(spec, report, progress, progress_every_s, started, detector_actor).run(todo)
     return _finish(report, started, spec.output.path)
 
 
@@ -155,8 +146,10 @@ class Flow:
         progress: Callable[[str], None],
         progress_every_s: float,
         started: float,
+        detector_actor: type = DetectorActor,
     ) -> None:
         self.spec, self.report, self.progress = spec, report, progress
+        self.detector_actor = detector_actor
         self.progress_every_s, self.started = progress_every_s, started
         # On the driver's node: a worker node that goes away takes no scene state with it.
         self.board = (
@@ -200,7 +193,7 @@ class Flow:
         del todo
         stage_error = None
         if runnable:
-            dataset = build_dataset(self.spec, runnable, self.board)
+            dataset = build_dataset(self.spec, runnable, self.board, self.detector_actor)
             del runnable
             try:
                 self._drain(dataset, scenes_total)
@@ -231,7 +224,9 @@ class Flow:
                 last_report = time.perf_counter()
 
 
-def build_dataset(spec: JobSpec, scenes: list[dict], board: Any) -> ray.data.Dataset:
+def build_dataset(
+    spec: JobSpec, scenes: list[dict], board: Any, detector_actor: type = DetectorActor
+) -> ray.data.Dataset:
     """scenes → plan (one row a chunk) → read → detect, streamed, memory bounded by budget."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -273,7 +268,7 @@ def build_dataset(spec: JobSpec, scenes: list[dict], board: Any) -> ray.data.Dat
             num_cpus=READ_TASK_CPUS,
         )
         .map_batches(
-            DetectorActor,
+            detector_actor,
             fn_constructor_kwargs={"spec_json": spec_json, "board": board},
             batch_size=detect.batch_size,
             # Ray Data restarts a killed actor and runs its unfinished batches again, without

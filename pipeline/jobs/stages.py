@@ -165,7 +165,9 @@ class DetectorActor:
         self.board = board
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.board is None or len(batch["scene_id"]) == 0:
+        if len(batch["scene_id"]) == 0:
+            return self._no_detections(batch)
+        if self.board is None:
             return self._detect(batch)
         scene_ids = batch["scene_id"]
         names = list(dict.fromkeys(str(s) for s in scene_ids))
@@ -185,17 +187,24 @@ class DetectorActor:
         key = ("detect-scene", name, int(part["tile_index"][0]), len(part["tile_index"]))
         attempt, failed = ray.get(self.board.start.remote(key, [name]))
         if failed:
-            return self._detect(_take(part, np.zeros(len(part["tile_index"]), bool)))
+            return self._no_detections(part)
         error = None
         if attempt > MAX_ATTEMPTS:
             error = f"detector failed: its actor died {MAX_ATTEMPTS} times on this scene's tiles"
         else:
             try:
-                return self._detect(part)
+                found = self._detect(part)
+                self.board.finish.remote(key)  # in order: the board sees it before a retry
+                return found
             except Exception as failure:  # noqa: BLE001 - this scene fails, the others go on
                 error = f"detector failed: {first_line(failure)}"
         ray.get(self.board.post_failure.remote(name, str(SceneError(name, error))))
-        return self._detect(_take(part, np.zeros(len(part["tile_index"]), bool)))
+        return self._no_detections(part)
+
+    def _no_detections(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The detection table's columns with no rows: what a failed scene's part gives."""
+        none = _take(batch, np.zeros(len(batch["tile_index"]), bool))
+        return detections_to_arrow(none, [], np.zeros(0, bool))
 
     def _detect(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["scene_id"])
