@@ -297,12 +297,12 @@ def test_job_api_without_the_token_is_a_clear_error(ray_head):
     env["RAY_AUTH_MODE"] = "disabled"
     env["HOME"] = "/nonexistent"  # no ~/.ray/auth_token either
     result = georetina("status", "anything", "--address", ray_head.job_api, env=env)
-    assert result.returncode == 2
+    assert result.returncode == 3  # the cluster cannot be used: exit 3, not a bad job file
     assert "georetina: error:" in result.stderr
     assert "token" in result.stderr.lower() or "auth" in result.stderr.lower(), result.stderr
 
 
 def test_unknown_job_is_a_clear_error(ray_head):
     result = georetina("status", "no-such-job", "--address", ray_head.job_api, env=ray_head.env)
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "no-such-job" in result.stderr

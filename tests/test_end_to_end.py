@@ -98,7 +98,8 @@ def test_default_output_is_lon_lat_and_duckdb_agrees(ray_session, planted_scene,
     centres = frame.geometry.centroid
     assert np.min(np.hypot(centres.x - lon, centres.y - lat)) < 1e-7
 
-    pattern = str(tmp_path / "out" / "**" / "*.parquet")
+    # The detections, not the scene table beside them (_ledger/ holds Parquet too).
+    pattern = str(tmp_path / "out" / "detections" / "*.parquet")
     ((count, crs, scene_crs),) = duckdb.execute(
         f"select count(*), any_value(ST_CRS(geometry)), any_value(scene_crs) "
         f"from read_parquet('{pattern}') where class_name = 'object' and score > 0"
