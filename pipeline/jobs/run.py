@@ -203,6 +203,8 @@ class Flow:
                 release(dataset)
         self.tracker.finish(stage_error)
         self.report.tiles = self.tracker.tiles_seen
+        busy = time.perf_counter() - self.started - self.report.ray_start_s
+        self.progress(f"  {self.tracker.progress_line(scenes_total, busy)}")  # the last word
         closed = sum(self.report.log.counts[s] for s in ("done", "failed"))
         self.report.scenes_not_started = max(0, scenes_total - closed)
         if self.report.scenes_not_started:
