@@ -48,12 +48,12 @@ def bare_model_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: in
 
 
 def actor_tiles_per_s(settings: ModelSettings, tiles: np.ndarray, batch: int) -> float:
-    """The pipeline's own detector actor class (pipeline.jobs.run.DetectorActor), as a Ray
+    """The pipeline's own detector actor class (pipeline.jobs.stages.DetectorActor), as a Ray
     actor with every core, fed batches in the read stage's format through the object store."""
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.jobs.run import DetectorActor
+    from pipeline.jobs.stages import DetectorActor
 
     spec = parse_job(
         {
@@ -181,7 +181,7 @@ def main() -> None:
         return
     import ray
 
-    from pipeline.jobs.run import start_embedded_ray
+    from pipeline.jobs.ray_session import start_embedded_ray
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ from pipeline.config import JobSpec, parse_job
 from pipeline.io.rasters import open_raster
 from pipeline.io.reads import read_tile
 from pipeline.io.synthetic import plan_objects, write_scene
-from pipeline.jobs.run import ALLOCATOR_ENV
+from pipeline.jobs.ray_session import ALLOCATOR_ENV
 from pipeline.model.build import build_model
 from pipeline.ops.tiles import plan_tiles
 
@@ -101,7 +101,7 @@ def main() -> None:
             "inputs": [str(scene)],
             "model": {"backbone": "resnet18_fpn", "classes": ["object"]},
             "tiling": {"tile_size": args.tile, "overlap": 64},
-            # One single-threaded actor per core (see runner.READ_TASK_CPUS).
+            # One single-threaded actor per core (see jobs.run.READ_TASK_CPUS).
             "detect": {
                 "batch_size": args.batch,
                 "num_actors": threads,
@@ -124,7 +124,8 @@ def main() -> None:
 
     import ray
 
-    from pipeline.jobs.run import run_job, start_embedded_ray
+    from pipeline.jobs.ray_session import start_embedded_ray
+    from pipeline.jobs.run import run_job
 
     start_embedded_ray(num_cpus=threads)
     started = time.perf_counter()

@@ -57,7 +57,8 @@ def main() -> int:
 
     from pipeline.config import parse_job
     from pipeline.io.ledger import Ledger
-    from pipeline.jobs.run import run_job, start_embedded_ray
+    from pipeline.jobs.ray_session import start_embedded_ray
+    from pipeline.jobs.run import run_job
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="soak-"))
     paths = make_scenes(workdir / "scenes", args.scenes)

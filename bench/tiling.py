@@ -96,7 +96,8 @@ def measure_job(scene: str, output: str) -> None:
     import ray
 
     from pipeline.config import parse_job
-    from pipeline.jobs.run import run_job, start_embedded_ray
+    from pipeline.jobs.ray_session import start_embedded_ray
+    from pipeline.jobs.run import run_job
 
     peak, done = [0], threading.Event()
 

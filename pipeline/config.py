@@ -189,6 +189,11 @@ class DetectSettings(_Strict):
         "node up from zero in about five; raise it where nodes take longer.",
     )
 
+    def threads_per_actor(self) -> int:
+        """CPU inference threads an actor uses: ``torch_threads``, else the node's cores
+        shared among the pool's actors (called where the actor runs)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.num_actors)
+
     @model_validator(mode="before")
     @classmethod
     def _inflight_default(cls, data: Any) -> Any:

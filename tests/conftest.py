@@ -140,7 +140,7 @@ def ray_session(s3_endpoint, gcs_endpoint):
     """One embedded Ray for every end-to-end test (it takes ~11 s to start here)."""
     import ray
 
-    from pipeline.jobs.run import start_embedded_ray
+    from pipeline.jobs.ray_session import start_embedded_ray
 
     # Always a fresh embedded Ray (address="local"), never a cluster that happens to run on
     # this machine (a test's own `ray start --head`, or a developer's).

@@ -16,7 +16,8 @@ from pipeline.cli.main import main
 from pipeline.config import parse_job
 from pipeline.io.ledger import Ledger
 from pipeline.io.synthetic import match_planted, plan_objects, write_scene
-from pipeline.jobs.run import RAY_SYSTEM_CONFIG, run_job
+from pipeline.jobs.ray_session import RAY_SYSTEM_CONFIG
+from pipeline.jobs.run import run_job
 from pipeline.ops.tiles import plan_tiles
 
 pytestmark = pytest.mark.ray

@@ -13,7 +13,7 @@ import ray
 import yaml
 
 from pipeline.config import load_job
-from pipeline.jobs.run import RAY_SYSTEM_CONFIG
+from pipeline.jobs.ray_session import RAY_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

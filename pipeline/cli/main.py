@@ -6,7 +6,6 @@ What it prints and what its exit codes mean: :mod:`pipeline.cli.console`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -40,20 +39,13 @@ def _print_report(report: object) -> None:
 
 
 def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
-    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere.
-
-    The bar needs ``run_job``'s ``on_progress`` snapshots; a ``run_job`` without it gets the
-    plain lines on a terminal too.
-    """
+    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere."""
     from pipeline.cli.progress import PlainProgress, open_display
     from pipeline.jobs.run import run_job
 
-    snapshots = "on_progress" in inspect.signature(run_job).parameters
-    display = open_display(console.out, plain=None if snapshots else True)
-    if snapshots:
-        options["on_progress"] = display.update
+    display = open_display(console.out)
     try:
-        return run_job(spec, progress=display.line, **options)
+        return run_job(spec, progress=display.line, on_progress=display.update, **options)
     finally:
         display.close()
         if not isinstance(display, PlainProgress):

@@ -75,8 +75,9 @@ def failed_record(scene_id: str, identity: str, common: dict, error: str) -> Led
     )
 
 
-def bands_of(table: pa.Table) -> list[tuple[list[tuple[int, int]], list[TileDetections]]]:
-    """A scene's tile rows as bands (tile rows, top to bottom), tiles in plan order."""
+def bands_of(table: pa.Table) -> list[tuple[int, list[tuple[int, int]], list[TileDetections]]]:
+    """A scene's tile rows as bands (tile rows, top to bottom), tiles in plan order:
+    ``(band top, tile offsets, tile detections)`` each."""
     table = table.sort_by([("row_off", "ascending"), ("tile_index", "ascending")])
     rows = table["row_off"].to_numpy()
     cols = table["col_off"].to_numpy()
@@ -98,7 +99,7 @@ def bands_of(table: pa.Table) -> list[tuple[list[tuple[int, int]], list[TileDete
     tops = np.flatnonzero(np.diff(rows, prepend=-1)) if len(rows) else np.zeros(0, int)
     bounds = [*tops.tolist(), len(rows)]
     return [
-        (list(zip(cols[a:b].tolist(), rows[a:b].tolist(), strict=False)), found[a:b])
+        (int(rows[a]), list(zip(cols[a:b].tolist(), rows[a:b].tolist(), strict=True)), found[a:b])
         for a, b in zip(bounds, bounds[1:], strict=False)
     ]
 
@@ -112,8 +113,8 @@ def merge_and_write(job: SceneJob, table: pa.Table) -> SceneOutcome:
     stream = SceneStream(context)
     try:
         bands = bands_of(table)
-        for position, (offsets, found) in enumerate(bands):
-            below = bands[position + 1][0][0][1] if position + 1 < len(bands) else None
+        for position, (_, offsets, found) in enumerate(bands):
+            below = bands[position + 1][0] if position + 1 < len(bands) else None
             stream.add_band(offsets, found, below)
         written = stream.close()
     except BaseException:

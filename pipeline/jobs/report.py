@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,19 +60,6 @@ def format_duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
-
-
-def progress_line(
-    scenes_done: int, scenes_total: int, tiles_done: int, tiles_total: int, busy_s: float
-) -> str:
-    """``scenes 3/10, tiles 120/400 (30%), 2.10 tiles/s, ETA 2m13s``."""
-    rate = tiles_done / busy_s if busy_s > 0 else 0.0
-    eta = (tiles_total - tiles_done) / rate if rate > 0 else None
-    share = tiles_done / tiles_total if tiles_total else 1.0
-    return (
-        f"scenes {scenes_done}/{scenes_total}, tiles {tiles_done}/{tiles_total} ({share:.0%}), "
-        f"{rate:.2f} tiles/s, ETA {format_duration(eta)}"
-    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +117,16 @@ class RunProgress:
         )
 
 
+def progress_line(
+    scenes_done: int, scenes_total: int, tiles_done: int, tiles_total: int, busy_s: float
+) -> str:
+    """``scenes 3/10, tiles 120/400 (30%), 2.10 tiles/s, ETA 2m13s``: a finished discovery's
+    :meth:`RunProgress.line` with ``scenes_done`` scenes through and none told apart."""
+    return RunProgress(
+        scenes_done, 0, 0, scenes_total, True, tiles_done, tiles_total, busy_s
+    ).line()
+
+
 _SCENE_PREFIX = re.compile(r"^scene \S+: ")
 
 
@@ -138,20 +136,27 @@ def failure_reason(error: str | None) -> str:
     return re.split(r"[:(]", text, maxsplit=1)[0].strip() or text
 
 
-def run_totals(scenes: list[dict[str, Any]], busy_s: float) -> dict[str, Any]:
-    """Counts per status, failures by reason, detections per class, area and its rate."""
-    done = [s for s in scenes if s["status"] == "done"]
+def run_totals(scenes: Iterable[dict[str, Any]], busy_s: float) -> dict[str, Any]:
+    """Counts per status, failures by reason, detections per class, area and its rate.
+
+    One pass over ``scenes``: a run's scene log is read from disk, never held.
+    """
+    status: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
     per_class: Counter[str] = Counter()
-    for scene in done:
-        per_class.update(scene.get("per_class") or {})
-    area = sum(float(s.get("area_km2") or 0.0) for s in done)
+    area = 0.0
+    for scene in scenes:
+        status[scene["status"]] += 1
+        if scene["status"] == "failed":
+            failures[failure_reason(scene.get("error"))] += 1
+        elif scene["status"] == "done":
+            per_class.update(scene.get("per_class") or {})
+            area += float(scene.get("area_km2") or 0.0)
     return {
-        "scenes_done": len(done),
-        "scenes_skipped": sum(s["status"] == "skipped" for s in scenes),
-        "scenes_failed": sum(s["status"] == "failed" for s in scenes),
-        "failures_by_reason": dict(
-            Counter(failure_reason(s.get("error")) for s in scenes if s["status"] == "failed")
-        ),
+        "scenes_done": status["done"],
+        "scenes_skipped": status["skipped"],
+        "scenes_failed": status["failed"],
+        "failures_by_reason": dict(failures),
         "detections_per_class": dict(sorted(per_class.items())),
         "area_km2": area,
         "km2_per_hour": area / busy_s * 3600 if busy_s > 0 else 0.0,

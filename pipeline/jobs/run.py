@@ -30,28 +30,17 @@ from pipeline.jobs.board import SceneBoard
 from pipeline.jobs.merging import SceneOutcome
 from pipeline.jobs.ray_session import (
     ALLOCATOR_ENV,
-    RAY_SYSTEM_CONFIG,
     check_layout_fits,
     check_object_store,
     ensure_ray,
-    start_embedded_ray,
 )
+from pipeline.jobs.report import RunProgress
 from pipeline.jobs.stages import DetectorActor, first_line, plan_scene, read_chunk
 from pipeline.jobs.tracking import RunReport, SceneTracker
 from pipeline.ops.boxes import MergeOptions
 from pipeline.redact import redact_text
 
-__all__ = [
-    "ALLOCATOR_ENV",
-    "RAY_SYSTEM_CONFIG",
-    "DetectorActor",
-    "RunReport",
-    "SceneOutcome",
-    "check_output_writable",
-    "ensure_ray",
-    "run_job",
-    "start_embedded_ray",
-]
+__all__ = ["DetectorActor", "RunReport", "SceneOutcome", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +62,13 @@ def run_job(
     progress: Callable[[str], None] = print,
     progress_every_s: float = 10.0,
     detector_actor: type = DetectorActor,
+    on_progress: Callable[[RunProgress], None] | None = None,
 ) -> RunReport:
     """Run a job to the end and return its report; one bad scene never stops the others.
+
+    Every ``progress_every_s`` and once at the end, the run's progress goes to
+    ``on_progress`` as a :class:`RunProgress` when given (a progress bar), else to
+    ``progress`` as a plain line; scenes done and failed always go to ``progress``.
 
     ``detector_actor`` replaces the detector stage's class (same constructor and call) for
     benchmarks and fault tests: a simulated GPU, a detector that fails on purpose.
@@ -104,7 +98,9 @@ def run_job(
             detect.num_gpus_per_actor,
             READ_TASK_CPUS,  # plan and merge tasks take less; each waits its turn
         )
-        Flow(spec, report, progress, progress_every_s, started, detector_actor).run(todo)
+        Flow(spec, report, progress, progress_every_s, started, detector_actor, on_progress).run(
+            todo
+        )
     return _finish(report, started, spec.output.path)
 
 
@@ -147,9 +143,10 @@ class Flow:
         progress_every_s: float,
         started: float,
         detector_actor: type = DetectorActor,
+        on_progress: Callable[[RunProgress], None] | None = None,
     ) -> None:
         self.spec, self.report, self.progress = spec, report, progress
-        self.detector_actor = detector_actor
+        self.detector_actor, self.on_progress = detector_actor, on_progress
         self.progress_every_s, self.started = progress_every_s, started
         # On the driver's node: a worker node that goes away takes no scene state with it.
         self.board = (
@@ -203,8 +200,7 @@ class Flow:
                 release(dataset)
         self.tracker.finish(stage_error)
         self.report.tiles = self.tracker.tiles_seen
-        busy = time.perf_counter() - self.started - self.report.ray_start_s
-        self.progress(f"  {self.tracker.progress_line(scenes_total, busy)}")  # the last word
+        self._report_progress(scenes_total)  # the last word: every merge is in
         closed = sum(self.report.log.counts[s] for s in ("done", "failed"))
         self.report.scenes_not_started = max(0, scenes_total - closed)
         if self.report.scenes_not_started:
@@ -221,9 +217,15 @@ class Flow:
             self.tracker.add_batch(batch)
             self.tracker.drain()
             if time.perf_counter() - last_report >= self.progress_every_s:
-                busy = time.perf_counter() - self.started - self.report.ray_start_s
-                self.progress(f"  {self.tracker.progress_line(scenes_total, busy)}")
+                self._report_progress(scenes_total)
                 last_report = time.perf_counter()
+
+    def _report_progress(self, scenes_total: int) -> None:
+        busy = time.perf_counter() - self.started - self.report.ray_start_s
+        if self.on_progress is not None:
+            self.on_progress(self.tracker.snapshot(scenes_total, busy))
+        else:
+            self.progress(f"  {self.tracker.progress_line(scenes_total, busy)}")
 
 
 def build_dataset(
@@ -254,7 +256,7 @@ def build_dataset(
         .map_batches(
             plan_scene,
             batch_size=1,
-            fn_kwargs={"spec_json": spec_json, "board": board},
+            fn_kwargs={"tiling": spec.tiling, "board": board},
             num_cpus=PLAN_TASK_CPUS,
         )
         # One read task a chunk: a plan's chunks would otherwise share one block.
@@ -289,8 +291,11 @@ def release(dataset: ray.data.Dataset) -> None:
     """Stop a dataset's execution now, its actors and tasks with it (a stall, an error).
 
     A run that ends early must not leave actors holding the cluster's CPUs or GPUs: a
-    notebook or service runs many jobs in one Ray session. Ray Data keeps its executor on
-    the dataset; shutting it down is what its own blocking calls do when they finish.
+    notebook or service runs many jobs in one Ray session. Shutting the executor down is
+    what Ray Data's own blocking calls do when they finish. Ray Data puts the executor on
+    the dataset only once the first batch is out, so a run that stalls before any batch
+    leaves its actors to Ray's own clean-up of the dropped dataset (seen to outlive the
+    run: an open gap).
     """
     executor = getattr(dataset, "_current_executor", None)
     if executor is not None:

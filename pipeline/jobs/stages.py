@@ -7,7 +7,6 @@ fails, so that its other tiles are neither read nor detected.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import pyarrow.compute as pc
 import ray
 from rasterio.windows import Window
 
-from pipeline.config import JobSpec
+from pipeline.config import JobSpec, TilingSettings
 from pipeline.errors import SceneError
 from pipeline.io.rasters import inspect_raster_within
 from pipeline.io.reads import read_tiles
@@ -35,14 +34,13 @@ def first_line(error: BaseException, limit: int = 500) -> str:
 
 
 def plan_scene(
-    batch: dict[str, np.ndarray], spec_json: str, board: Any
+    batch: dict[str, np.ndarray], tiling: TilingSettings, board: Any
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data stage: pre-flight one scene, post its plan, yield its read chunks.
 
     The plan is two arrays of offsets, cut into chunks of ``tiling.tiles_per_read_task``;
     a scene whose pre-flight fails is posted as failed and yields nothing.
     """
-    tiling = JobSpec.model_validate_json(str(spec_json)).tiling
     scene = {key: str(values[0]) for key, values in batch.items()}
     try:
         info = inspect_raster_within(
@@ -150,14 +148,10 @@ class DetectorActor:
 
     def __init__(self, spec_json: str, board: Any = None) -> None:
         spec = JobSpec.model_validate_json(spec_json)
-        # On the CPU, the actors of the pool share the node's cores unless told otherwise.
-        threads = spec.detect.torch_threads or max(
-            1, (os.cpu_count() or 1) // spec.detect.num_actors
-        )
         self.detector = make_detector(
             spec.model,
             spec.tiling.tile_size,
-            torch_threads=threads,
+            torch_threads=spec.detect.threads_per_actor(),
             precision=spec.detect.precision,
         )
         self.min_valid_fraction = spec.merge.min_valid_fraction

@@ -29,37 +29,34 @@ from pipeline.jobs.merging import (
     merge_scene,
     scene_context,
 )
-from pipeline.jobs.report import failure_reason, progress_line
+from pipeline.jobs.report import RunProgress, progress_line, run_totals
 from pipeline.redact import redact_text, redact_uri
 
 
 class SceneLog:
-    """Scene outcomes, one JSON line each, in a local file: the report's scenes, not held."""
+    """Scene outcomes, one JSON line each, in a local file: the report's scenes, not held.
+
+    Only the count per status is kept in memory (progress lines need it); the report's
+    totals are computed from the file when the run ends (:func:`run_totals`).
+    """
 
     def __init__(self) -> None:
         handle, self.path = tempfile.mkstemp(prefix="georetina-scenes-", suffix=".jsonl")
         os.close(handle)
         self.counts: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-        self.per_class: Counter[str] = Counter()
-        self.detections = 0
-        self.area_km2 = 0.0
 
     def add(self, outcome: SceneOutcome) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(outcome), default=str) + "\n")
         self.counts[outcome.status] += 1
-        if outcome.status == "failed":
-            self.failures[failure_reason(outcome.error)] += 1
-        if outcome.status == "done":
-            self.per_class.update(outcome.per_class)
-            self.detections += outcome.detections
-            self.area_km2 += outcome.area_km2
 
-    def outcomes(self) -> Iterator[SceneOutcome]:
+    def dicts(self) -> Iterator[dict[str, Any]]:
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
-                yield SceneOutcome(**json.loads(line))
+                yield json.loads(line)
+
+    def outcomes(self) -> Iterator[SceneOutcome]:
+        return (SceneOutcome(**scene) for scene in self.dicts())
 
 
 @dataclass
@@ -93,27 +90,23 @@ class RunReport:
         return self.log.counts[status]
 
     def totals_from_log(self, busy_s: float) -> None:
-        log = self.log
-        self.scenes_done, self.scenes_failed = log.counts["done"], log.counts["failed"]
-        self.scenes_skipped = log.counts["skipped"]
-        self.failures_by_reason = dict(log.failures)
-        self.detections_per_class = dict(sorted(log.per_class.items()))
-        self.detections, self.area_km2 = log.detections, log.area_km2
-        self.km2_per_hour = log.area_km2 / busy_s * 3600 if busy_s > 0 else 0.0
+        for key, value in run_totals(self.log.dicts(), busy_s).items():
+            setattr(self, key, value)
+        self.detections = sum(scene["detections"] for scene in self.log.dicts())
 
     def header(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "log"}
-        return data
+        return {k: v for k, v in asdict(self).items() if k != "log"}
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.header(), "scenes": [asdict(s) for s in self.log.outcomes()]}
+        return {**self.header(), "scenes": list(self.log.dicts())}
 
     def write_json(self, handle: Any) -> None:
         """The report as JSON, its scenes streamed from the log (never all in memory)."""
         header = json.dumps(self.header(), indent=2, default=str)
+        # The header object without its closing "\n}", then the scenes array, then "}".
         handle.write(redact_text(header[:-2]) + ',\n  "scenes": [')
-        for index, outcome in enumerate(self.log.outcomes()):
-            line = json.dumps(asdict(outcome), default=str)
+        for index, scene in enumerate(self.log.dicts()):
+            line = json.dumps(scene, default=str)
             handle.write(("," if index else "") + "\n    " + redact_text(line))
         handle.write("\n  ]\n}\n")
 
@@ -219,7 +212,7 @@ class SceneTracker:
         self.early.pop(scene_id, None)
         self.failed.add(scene_id)
         if state is None and scene is None:
-            return  # neither planned here nor described: the plan's drain brings it later
+            return  # closed already (merging or merged): a late post changes nothing
         if state is not None:
             identity, uri, tiles = (
                 state.job.identity,
@@ -269,6 +262,21 @@ class SceneTracker:
             lost = f"only {state.received} of {state.job.expected} tiles came back"
             self.fail(scene_id, f"{lost}: {stage_error}" if stage_error else lost)
 
-    def progress_line(self, scenes_total: int, busy_s: float) -> str:
+    def snapshot(self, scenes_to_run: int, busy_s: float) -> RunProgress:
+        """Where the run stands; discovery is over before the stream starts."""
+        counts = self.report.log.counts
+        return RunProgress(
+            scenes_done=counts["done"],
+            scenes_failed=counts["failed"],
+            scenes_skipped=counts["skipped"],
+            scenes_known=scenes_to_run + counts["skipped"],
+            discovery_finished=True,
+            tiles_done=self.tiles_seen,
+            tiles_planned=self.tiles_planned,
+            busy_s=busy_s,
+        )
+
+    def progress_line(self, scenes_to_run: int, busy_s: float) -> str:
+        """The plain line: scenes of this run through (done or failed), skips left out."""
         through = self.report.count("done") + self.report.count("failed")
-        return progress_line(through, scenes_total, self.tiles_seen, self.tiles_planned, busy_s)
+        return progress_line(through, scenes_to_run, self.tiles_seen, self.tiles_planned, busy_s)

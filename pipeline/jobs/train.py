@@ -488,7 +488,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from pipeline.jobs.run import ensure_ray
+    from pipeline.jobs.ray_session import ensure_ray
 
     rasters = read_labels(spec.data, spec.model.classes)  # fail on bad labels before Ray work
     if sum(len(r.boxes) for r in rasters) == 0:

@@ -8,7 +8,6 @@ started and nothing is written but the output's write probe.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -107,7 +106,7 @@ def validate_job(
         spec.model,
         spec.tiling.tile_size,
         device="cpu" if spec.detect.num_gpus_per_actor == 0 else None,
-        torch_threads=_threads_per_actor(spec),
+        torch_threads=spec.detect.threads_per_actor(),
         precision=spec.detect.precision,
     )  # loads the checkpoint: a missing or mismatched one fails here
     on_line(f"model {detector.model_id}: loaded")
@@ -123,11 +122,6 @@ def validate_job(
     if estimate:
         speed, note = measure_speed(detector, spec)
     return Validation(spec.name, detector.model_id, spec.output.path, checks, speed, note)
-
-
-def _threads_per_actor(spec: JobSpec) -> int:
-    # As a detector actor sets them (pipeline.jobs.run.DetectorActor).
-    return spec.detect.torch_threads or max(1, (os.cpu_count() or 1) // spec.detect.num_actors)
 
 
 def preflight_scenes(spec: JobSpec, scenes: list[Scene], done: set[str]) -> list[SceneCheck]:
@@ -174,5 +168,5 @@ def measure_speed(
     for _ in range(batches):
         detector(images)
     per_actor = batches * batch / (time.perf_counter() - started)
-    device = "cuda" if on_gpu else f"cpu, {_threads_per_actor(spec)} thread(s)"
+    device = "cuda" if on_gpu else f"cpu, {spec.detect.threads_per_actor()} thread(s)"
     return Estimate(device, per_actor, spec.detect.num_actors), None
