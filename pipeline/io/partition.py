@@ -15,7 +15,6 @@ again from their sources: no row is lost or counted twice once it completes.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Callable
@@ -111,13 +110,16 @@ def compact_dataset(
             cells_of.setdefault(path, set()).add(cell)
     touched = {c for p, r, c in _state_rows(state) if p in dirty}
     touched |= {c for p in fresh for c in cells_of[p]}
+    # Each source is read, and its rows' cells computed, once, however many cells it spans.
+    loaded = {p: (t, _cells(t, zoom)) for p, t in fresh.items()}
     rows = 0
     for cell in sorted(touched):
         sources = sorted(p for p, cells in cells_of.items() if cell in cells)
-        tables = [
-            fresh[p] if p in fresh else _read_scene(src_fs, f"{src_root}/{p}") for p in sources
-        ]
-        rows += _rebuild(fs, dest_root, cell, zoom, tables)
+        for path in sources:
+            if path not in loaded:
+                table = _read_scene(src_fs, f"{src_root}/{path}")
+                loaded[path] = (table, _cells(table, zoom))
+        rows += _rebuild(fs, dest_root, cell, [loaded[p] for p in sources])
         if after_cell is not None:
             after_cell(cell)
     _write_state(fs, dest_root, cells_of, current, zoom)
@@ -193,10 +195,14 @@ def _zoom_for(files: pa.Table, fresh: dict[str, pa.Table]) -> int:
 
 
 def _rebuild(
-    fs: fsspec.AbstractFileSystem, root: str, cell: str, zoom: int, tables: list[pa.Table]
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    cell: str,
+    sources: list[tuple[pa.Table, np.ndarray]],
 ) -> int:
-    """Write one cell's file whole from its sources' rows in it (none: remove the file)."""
-    parts = [table.filter(pa.array(_cells(table, zoom) == cell)) for table in tables]
+    """Write one cell's file whole from its sources' rows in it (none: remove the file);
+    ``sources``: each source table with its rows' cells."""
+    parts = [table.filter(pa.array(cells == cell)) for table, cells in sources]
     target = f"{root}/cell={cell}/part.parquet"
     parts = [p for p in parts if p.num_rows]
     if not parts:
@@ -219,11 +225,7 @@ def _rebuild(
 
 
 def _put(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, row_group_size: int) -> None:
-    """Whole or not at all (see :func:`write_parquet_atomic`)."""
+    """Whole or not at all (:func:`write_parquet_atomic`, which takes a URI)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        write_parquet_atomic(table, path, row_group_size)
-        return
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
-    fs.pipe_file(path, sink.getvalue())
+    local = protocol in ("file", "local")
+    write_parquet_atomic(table, path if local else fs.unstrip_protocol(path), row_group_size)
