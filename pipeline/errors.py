@@ -1,9 +1,9 @@
 """One root exception; subclasses also inherit ValueError/OSError so callers can catch either.
 
-Two families tell the command line which exit code an error means: :class:`JobFileError`
-(2, the job or training file is invalid) and :class:`CannotStartError` (3, a valid job that
-cannot start: output not writable, inputs unreachable, checkpoint missing or mismatched,
-cluster unreachable or too small).
+Two families tell the command line which exit code an error means: :class:`InvalidInputError`
+(2: what a command was given is invalid, above all the job or training file) and
+:class:`CannotStartError` (3, a valid job that cannot start: output not writable, inputs
+unreachable, checkpoint missing or mismatched, cluster unreachable or too small).
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ class GeoRetinaError(Exception):
     """Root of every error this package raises on purpose."""
 
 
-class JobFileError(GeoRetinaError, ValueError):
+class InvalidInputError(GeoRetinaError, ValueError):
+    """What a command was given is invalid (a file, a field, a value); exit code 2."""
+
+
+class JobFileError(InvalidInputError):
     """The job or training file is invalid: it cannot be read, parsed or validated."""
 
 
@@ -69,9 +73,9 @@ class CheckpointError(CannotStartError, ValueError):
     """A checkpoint that is missing, cannot be loaded safely or does not match the model."""
 
 
-class QueryError(GeoRetinaError, ValueError):
+class QueryError(InvalidInputError):
     """A query that cannot run: the message names the file, field or value that is wrong."""
 
 
-class QuicklookError(GeoRetinaError, ValueError):
+class QuicklookError(InvalidInputError):
     """A picture that cannot be drawn: the message names the file and what is missing."""

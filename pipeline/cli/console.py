@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pipeline.errors import CannotStartError, GeoRetinaError, JobFileError
+from pipeline.errors import GeoRetinaError, InvalidInputError
 
 EXIT_OK = 0
 EXIT_SCENES_FAILED = 1
@@ -41,23 +41,16 @@ EXIT_CANNOT_START = 3
 EXIT_BUG = 70  # EX_SOFTWARE in sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
-# Errors of a command's own arguments or the data it is pointed at (not a job that cannot
-# start): usage errors, like argparse's own exit code 2.
-_INVALID_NAMES = {"QueryError", "QuicklookError", "EvaluationError", "LabelError"}
 
 
 def exit_code_for(error: BaseException) -> int:
     """The exit code an error that ends a command means (see the module's table)."""
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(error, JobFileError):
+    if isinstance(error, InvalidInputError):
         return EXIT_INVALID
-    if isinstance(error, CannotStartError):
-        return EXIT_CANNOT_START
     if isinstance(error, GeoRetinaError):
-        if type(error).__name__ in _INVALID_NAMES:
-            return EXIT_INVALID
-        return EXIT_CANNOT_START  # raised before any scene is processed
+        return EXIT_CANNOT_START  # CannotStartError, or raised before any scene is processed
     if isinstance(error, ConnectionError):
         return EXIT_CANNOT_START  # ray.init of an address that does not answer
     return EXIT_BUG

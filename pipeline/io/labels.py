@@ -15,10 +15,10 @@ import numpy as np
 from rasterio.transform import Affine
 
 from pipeline.config import LabelSource
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import InvalidInputError
 
 
-class LabelError(GeoRetinaError, ValueError):
+class LabelError(InvalidInputError):
     """Labels that cannot be used: the message names the file and what is wrong."""
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import GeoRetinaError
+from pipeline.errors import InvalidInputError
 
 
-class EvaluationError(GeoRetinaError, ValueError):
+class EvaluationError(InvalidInputError):
     """Inputs that cannot be evaluated: the message names the file or column."""
 
 
