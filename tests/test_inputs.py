@@ -22,6 +22,7 @@ from pipeline.io.discovery import discover_scenes, parse_uri_list
 from pipeline.io.stac import stac_scenes
 from pipeline.io.synthetic import plan_objects, write_scene
 from pipeline.jobs.run import run_job
+from servers import RangeServer
 
 OUT = {"path": "out"}
 
@@ -143,6 +144,38 @@ def test_list_file_scenes_with_globs_and_no_duplicates(make_raster, tmp_path):
     scenes = discover_scenes([ListInput(list=str(listing)), str(tmp_path / "c.tif")])
     assert [Path(s.uri).name for s in scenes] == ["a.tif", "b.tif", "c.tif"]
     assert all(s.stac_item_id is None and s.acquired_at is None for s in scenes)
+
+
+@pytest.mark.timeout(120)
+def test_listed_scenes_are_statted_at_once_not_one_after_another(tmp_path):
+    """A list of 32 URLs whose first never answers: every other stat is asked while it hangs.
+
+    One stat after another would send nothing else until the first one's deadline.
+    """
+    files = {f"/s{index:02d}.tif": b"x" * (100 + index) for index in range(32)}
+    server = RangeServer(files)
+    server.hang("/s00.tif")
+    asked_while_hung: list[int] = []
+
+    def watch() -> None:  # let the hung stat go once every stat has been asked, or at 60 s
+        for _ in range(600):
+            if len(server.requests) >= len(files):
+                break
+            threading.Event().wait(0.1)
+        asked_while_hung.append(len({path for _, path, _ in server.requests}))
+        server.release.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    listing = tmp_path / "uris.txt"
+    listing.write_text("".join(f"{server.url}{path}\n" for path in files))
+    try:
+        scenes = discover_scenes([ListInput(list=str(listing))], timeout_s=90)
+    finally:
+        server.close()
+    assert asked_while_hung == [len(files)]
+    assert [s.uri for s in scenes] == [f"{server.url}{path}" for path in files]  # list order
+    assert scenes[0].identity.endswith("|unknown")  # the hung one
+    assert scenes[5].identity.split("|")[1] == "105"  # the others: their sizes
 
 
 def test_missing_list_file_is_a_clear_error(tmp_path):

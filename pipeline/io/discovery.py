@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
 
 from pipeline.config import InputItem, ListInput, StacInput
 from pipeline.errors import InputsUnreachableError
-from pipeline.io.scenes import IDENTITY_TIMEOUT_S, Scene, _identity, scene_id_for
+from pipeline.io.scenes import (
+    IDENTITY_TIMEOUT_S,
+    Scene,
+    identity_from_info,
+    identity_of,
+    scene_id_for,
+)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# Listed files are statted this many at a time: on object storage each stat is a request
+# (~30 ms), so 100,000 listed scenes one after another would take most of an hour.
+STAT_CONCURRENCY = 64
+# Listed paths are statted in windows of this many: the order stays the list's, and
+# discovery never holds more pending stats than this.
+STAT_WINDOW = 4096
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> str:
@@ -55,17 +69,38 @@ def _is_glob(pattern: str) -> bool:
     return bool(_GLOB_CHARS.search(pattern))
 
 
-def _expand_patterns(patterns: Iterable[str], timeout_s: float) -> Iterable[Scene]:
-    for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        if _is_glob(pattern):
-            uris = [_unstrip(fs, protocol, match) for match in sorted(fs.glob(path))]
-        else:
-            uris = [pattern if "://" in pattern else str(Path(pattern))]
-        for uri in uris:
-            local = uri if "://" in uri else path
-            yield Scene(scene_id_for(uri), uri, _identity(fs, local, uri, timeout_s))
+def _expand_patterns(patterns: Iterable[str], timeout_s: float) -> Iterator[Scene]:
+    """Scenes in the patterns' order: globs from one detailed listing (no stat per match),
+    plain paths statted ``STAT_CONCURRENCY`` at a time."""
+    pending: list[str] = []
+    stat = functools.partial(_stat_scene, timeout_s=timeout_s)
+    with ThreadPoolExecutor(STAT_CONCURRENCY, thread_name_prefix="georetina stat") as pool:
+        for pattern in patterns:
+            if not _is_glob(pattern):
+                pending.append(pattern)
+                if len(pending) >= STAT_WINDOW:
+                    yield from pool.map(stat, pending)
+                    pending = []
+                continue
+            yield from pool.map(stat, pending)
+            pending = []
+            yield from _glob_scenes(pattern)
+        yield from pool.map(stat, pending)
+
+
+def _stat_scene(pattern: str, timeout_s: float) -> Scene:
+    fs, path = fsspec.core.url_to_fs(pattern)
+    uri = pattern if "://" in pattern else str(Path(pattern))
+    return Scene(scene_id_for(uri), uri, identity_of(fs, path, uri, timeout_s))
+
+
+def _glob_scenes(pattern: str) -> Iterator[Scene]:
+    fs, path = fsspec.core.url_to_fs(pattern)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    matches = fs.glob(path, detail=True)
+    for match in sorted(matches):
+        uri = _unstrip(fs, protocol, match)
+        yield Scene(scene_id_for(uri), uri, identity_from_info(uri, matches[match]))
 
 
 def parse_uri_list(text: str, base: str) -> list[str]:

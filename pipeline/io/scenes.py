@@ -52,7 +52,7 @@ def scene_id_for(uri: str, name: str | None = None) -> str:
 IDENTITY_TIMEOUT_S = 60.0
 
 
-def _identity(
+def identity_of(
     fs: fsspec.AbstractFileSystem, path: str, uri: str, timeout_s: float = IDENTITY_TIMEOUT_S
 ) -> str:
     from pipeline.io.deadline import call_with_deadline
@@ -61,5 +61,10 @@ def _identity(
         info = call_with_deadline(lambda: fs.info(path), timeout_s, f"stat of {uri}")
     except (OSError, ValueError):  # TimeoutError too: the scene's pre-flight will say more
         return f"{redact_uri(uri)}|unknown"
+    return identity_from_info(uri, info)
+
+
+def identity_from_info(uri: str, info: dict) -> str:
+    """A file's identity from what a stat or a detailed listing says of it."""
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
     return f"{redact_uri(uri)}|{info.get('size')}|{stamp}"
