@@ -3,7 +3,8 @@
 Two families tell the command line which exit code an error means: :class:`InvalidInputError`
 (2: what a command was given is invalid, above all the job or training file) and
 :class:`CannotStartError` (3, a valid job that cannot start: output not writable, inputs
-unreachable, checkpoint missing or mismatched, cluster unreachable or too small).
+unreachable, checkpoint missing or mismatched, cluster unreachable or too small; for other
+commands, what they read cannot be read or what they write cannot be written).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class OutputNotWritableError(CannotStartError, OSError):
     """The output location cannot be written (checked before any scene is read)."""
 
 
+class OutputUnreadableError(CannotStartError, OSError):
+    """An output to read (to compact it) is missing, is not an output, or a file it lists
+    cannot be read."""
+
+
 class InputsUnreachableError(CannotStartError, OSError):
     """An input list file, STAC catalog or STAC API cannot be read."""
 
@@ -79,3 +85,8 @@ class QueryError(InvalidInputError):
 
 class QuicklookError(InvalidInputError):
     """A picture that cannot be drawn: the message names the file and what is missing."""
+
+
+class CompactionError(InvalidInputError):
+    """A compaction asked for in a layout (zoom, date partitions) its destination does not
+    have, or a zoom out of range: the message names the setting and how to change it."""

@@ -88,17 +88,23 @@ def write_dataset(
 
 
 def write_indexed(
-    output: Path | str, rows: SceneRows, row_group_size: int = 50, *, run_id: str = "r1"
+    output: Path | str,
+    rows: SceneRows,
+    row_group_size: int = 50,
+    *,
+    run_id: str = "r1",
+    crs: str = "OGC:CRS84",
 ) -> str:
     """One scene file written as a run writes it, then its done record with the index entry
-    (what ``pipeline.merge.scene.done_record`` records)."""
+    (what ``pipeline.merge.scene.done_record`` records). ``crs``: the output CRS, which
+    ``rows.rings`` are in."""
     from pipeline.io.geoparquet import SceneFileWriter
     from pipeline.io.ledger import Ledger, LedgerRecord
 
     uri = scene_output_uri(str(output), rows.scene_id)
-    crs = CRS.from_user_input("OGC:CRS84").to_json_dict()
-    writer = SceneFileWriter(uri, crs, row_group_size)
-    writer.write(detections_table(rows, crs))
+    projjson = CRS.from_user_input(crs).to_json_dict()
+    writer = SceneFileWriter(uri, projjson, row_group_size)
+    writer.write(detections_table(rows, projjson))
     writer.close()
     written = writer.written
     per_class: dict[str, int] = {}
@@ -116,7 +122,7 @@ def write_indexed(
             detections=written.rows,
             output=uri,
             bbox=written.extent,
-            crs="OGC:CRS84",
+            crs=crs,
             time_start=written.time_start,
             time_end=written.time_end,
             per_class=per_class,

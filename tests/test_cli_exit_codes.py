@@ -17,9 +17,11 @@ from pipeline.cli.main import main
 from pipeline.errors import (
     CheckpointError,
     ClusterUnreachableError,
+    CompactionError,
     InputsUnreachableError,
     JobSpecError,
     OutputNotWritableError,
+    OutputUnreadableError,
     QueryError,
 )
 
@@ -40,6 +42,8 @@ def write_job(folder: Path, **fields) -> Path:
     [
         (JobSpecError("job.yaml", ["tiling.tile_size: bad"]), 2),
         (QueryError("--bbox: bad"), 2),
+        (CompactionError("dest was compacted with zoom 9, not 10"), 2),
+        (OutputUnreadableError("output out: no such folder"), 3),
         (OutputNotWritableError("output s3://x: denied"), 3),
         (InputsUnreachableError("STAC API http://x cannot be opened"), 3),
         (CheckpointError("checkpoint m.pt: cannot be read"), 3),

@@ -11,7 +11,8 @@ Exit codes (documented in the README):
 1      some scenes failed (the run went on and recorded them), or a submitted job failed
 2      the job or training file is invalid (or a command's arguments are)
 3      the run could not start: output not writable, inputs or STAC unreachable, checkpoint
-       missing or mismatched, cluster unreachable or too small
+       missing or mismatched, cluster unreachable or too small; ``compact``: the output
+       missing or unreadable, the destination not writable
 70     a bug: a one-line summary, and the full traceback in the log file it names
 130    interrupted (Ctrl-C)
 =====  ====================================================================================

@@ -149,6 +149,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.io.partition import compact_dataset
+
+    by_date = True if args.by_date else None  # None: keep DEST's layout
+    done = compact_dataset(args.output, args.dest, zoom=args.zoom, by_date=by_date)
+    print(f"compacted {args.output} -> {args.dest}: {done.line()}")
+    return EXIT_OK
+
+
 def cmd_quicklook(args: argparse.Namespace) -> int:
     from pipeline.io.quicklook import render_quicklook
 
@@ -170,7 +179,10 @@ def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
         description="Filters are pushed down to the Parquet reads: row groups (and files) "
         "whose statistics rule them out are never read.",
     )
-    query.add_argument("output", help="output root, its detections/ folder, a glob or a file")
+    query.add_argument(
+        "output",
+        help="output root, its detections/ folder, a compacted dataset, a glob or a file",
+    )
     query.add_argument("--bbox", help="xmin,ymin,xmax,ymax: rows whose box intersects it")
     query.add_argument("--crs", help="CRS of --bbox, e.g. EPSG:32633 (default: the dataset's)")
     query.add_argument(
@@ -188,6 +200,25 @@ def _add_query_parsers(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--limit", type=int, default=None, help="at most N rows")
     query.add_argument("--stats", action="store_true", help="print the bytes read (stderr)")
     query.set_defaults(func=cmd_query)
+
+    compact = commands.add_parser(
+        "compact",
+        help="write an output's detections as one spatially partitioned GeoParquet dataset",
+        description="DEST/cell=<quadkey>[/date=<YYYY-MM-DD>]/part.parquet, Hilbert-ordered, "
+        "100k-row row groups. Incremental: run again after new scenes and only the "
+        "partitions they touch are rewritten, each atomically.",
+    )
+    compact.add_argument("output", help="output root (the job's output.path)")
+    compact.add_argument("dest", help="dataset folder or URI (created; kept apart from OUTPUT)")
+    compact.add_argument(
+        "--zoom", type=int, default=None, help="cells' quadkey zoom (default: DEST's, else chosen)"
+    )
+    compact.add_argument(
+        "--by-date",
+        action="store_true",
+        help="also partition by acquisition day (UTC); fixed by DEST's first compaction",
+    )
+    compact.set_defaults(func=cmd_compact)
 
     look = commands.add_parser(
         "quicklook", help="PNG of a scene with its detections drawn, from the raster's overview"

@@ -4,12 +4,14 @@ A dataset is ``OUTPUT/detections/*.parquet`` (or any folder, glob or single file
 files), local or on object storage. Given an output root with a scene table
 (``OUTPUT/_ledger``, :mod:`pipeline.io.index`), the query reads that first (a few requests,
 whatever the number of scenes) and opens only the scene files whose bbox, time range, classes
-and scene id can match; without one it lists ``detections/``. Each file opened costs one
-small read of its footer (exactly its length when the index knows it); the row-group
-statistics of the ``bbox`` covering columns, ``score``, ``class_name``, ``scene_id`` and
-``acquired_at`` then rule out row groups without reading their data; the remaining row groups
-are read, only the columns needed, and filtered exactly. With a limit, reading stops once it
-has that many rows (files still in flight finish; no others start).
+and scene id can match; without one it lists ``detections/``. Given a compacted dataset
+(``georetina compact``, :mod:`pipeline.io.partition`), it reads the layout from its state's
+footer, lists its partitions and opens only those whose cell (and day) can match. Each
+file opened costs one small read of its footer (exactly its length when the index knows it);
+the row-group statistics of the ``bbox`` covering columns, ``score``, ``class_name``,
+``scene_id`` and ``acquired_at`` then rule out row groups without reading their data; the
+remaining row groups are read, only the columns needed, and filtered exactly. With a limit,
+reading stops once it has that many rows (files still in flight finish; no others start).
 
 The bbox filter keeps rows whose covering box intersects the query box (edges included), as
 ``geopandas.read_parquet(bbox=...)`` does.
@@ -38,6 +40,7 @@ from pyproj import CRS, Transformer
 from pipeline.errors import QueryError
 from pipeline.io.geoparquet import SCHEMA, geo_metadata
 from pipeline.io.iostats import ReadCounter, counting_filesystem
+from pipeline.io.partition import PartitionedFiles, partitioned_files, partitions_matching
 
 FORMATS = ("table", "csv", "geojson", "parquet")
 
@@ -294,6 +297,7 @@ class Detections:
     geo: dict | None  # the first file's ``geo`` metadata
     reads: ReadCounter | None = None  # what was read from storage, when counted
     index: pa.Table | None = None  # per file in ``files`` (same order): its index entry
+    partitions: PartitionedFiles | None = None  # a compacted dataset's (same files)
 
     def total_bytes(self) -> int:
         """The size of every file of the dataset (from the index, else a listing)."""
@@ -309,12 +313,14 @@ def open_detections(
     count_reads: bool = False,
     use_index: bool = True,
 ) -> Detections:
-    """A dataset's files: an output root, its ``detections`` folder, a glob or one file.
+    """A dataset's files: an output root, its ``detections`` folder, a compacted dataset, a
+    glob or one file.
 
     An output root with a scene table is read through it (``use_index=False``: list the
-    folder instead). ``filesystem`` (a pyarrow filesystem over the same paths) replaces the
-    one the URI implies. ``count_reads`` counts every byte read from storage from here on
-    (``Detections.reads``), the index and the first file's footer included.
+    folder instead); a compacted dataset through its layout and partitions. ``filesystem``
+    (a pyarrow filesystem over the same paths) replaces the one the URI implies.
+    ``count_reads`` counts every byte read from storage from here on (``Detections.reads``),
+    the index and the first file's footer included.
 
     Raises:
         QueryError: when nothing is there, or the first file is not GeoParquet.
@@ -323,11 +329,13 @@ def open_detections(
 
     fs, root = fsspec.core.url_to_fs(source)
     root = root.rstrip("/") or "/"
-    index, index_sizes = None, ()
+    index, index_sizes, partitions = None, (), None
     if _GLOB.search(root):
         files = sorted(fs.glob(root))
     elif fs.isfile(root):
         files = [root]
+    elif fs.isdir(root) and (partitions := partitioned_files(fs, root)) is not None:
+        files = partitions.files
     elif fs.isdir(root):
         if use_index:
             index, index_sizes = read_index(source, root)
@@ -357,7 +365,7 @@ def open_detections(
         column = geo["columns"][geo.get("primary_column", "geometry")]
         if column.get("crs") is not None:  # absent means lon/lat (GeoParquet spec)
             crs = CRS.from_json_dict(column["crs"])
-    return Detections(source, files, filesystem, crs, schema, geo, reads, index)
+    return Detections(source, files, filesystem, crs, schema, geo, reads, index, partitions)
 
 
 def read_index(source: str, root: str) -> tuple[pa.Table | None, tuple[int, ...]]:
@@ -406,8 +414,20 @@ def candidates(found: Detections, where: QueryFilter) -> list[tuple[str, tuple |
 
     Only the index rules files out: one whose entry proves that no row can pass (no rows; a
     bbox, time range, class set or scene id that misses). A file without an entry (written
-    by an older version) may hold anything.
+    by an older version) may hold anything. A compacted dataset's partitions are ruled out
+    by their cell (and day).
     """
+    if found.partitions is not None:
+        parts = found.partitions
+        keep = partitions_matching(
+            parts.partitions,
+            parts.layout,
+            found.crs,
+            bbox=where.bbox,
+            since=where.since,
+            until=where.until,
+        )
+        return [(path, None) for path, kept in zip(found.files, keep, strict=True) if kept]
     if found.index is None:
         return [(path, None) for path in found.files]
     index = found.index
@@ -421,13 +441,26 @@ def candidates(found: Detections, where: QueryFilter) -> list[tuple[str, tuple |
 
 
 def matching_files(source: str, where: QueryFilter = QueryFilter()) -> list[str]:
-    """The scene files of ``source`` that may hold a row passing ``where``, as URIs (or local
-    paths): what another reader (DuckDB, polars, geopandas) needs to open, and no more."""
+    """The scene files (or a compacted dataset's partition files) of ``source`` that may hold
+    a row passing ``where``, as URIs (or local paths): what another reader (DuckDB, polars,
+    geopandas) needs to open, and no more."""
     found = open_detections(source)
     where = in_dataset_crs(where, found.crs)
     protocol = _protocol(source)
     paths = [path for path, _ in candidates(found, where)]
     return paths if protocol is None else [f"{protocol}://{path}" for path in paths]
+
+
+def matching_cells(source: str, where: QueryFilter = QueryFilter()) -> list[str]:
+    """The cells of the compacted dataset ``source`` whose files may hold a row passing
+    ``where`` (its bbox and, with date partitions, its time range), sorted: for a reader's
+    filter on the ``cell`` hive partition (``where cell in (...)``)."""
+    found = open_detections(source)
+    if found.partitions is None:
+        raise QueryError(f"{source}: not a compacted dataset (no {source}/_state.parquet)")
+    kept = {path for path, _ in candidates(found, in_dataset_crs(where, found.crs))}
+    pairs = zip(found.files, found.partitions.partitions, strict=True)
+    return sorted({key.split("/")[0].removeprefix("cell=") for path, key in pairs if path in kept})
 
 
 def _protocol(source: str) -> str | None:
