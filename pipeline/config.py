@@ -232,6 +232,12 @@ class OutputSettings(_Strict):
     path: str = Field(..., description="Directory or fsspec URI for GeoParquet + ledger.")
     crs: str = Field("OGC:CRS84", description="CRS of the geometry column, for every scene.")
     row_group_size: int = Field(10_000, ge=100, description="Rows per Parquet row group.")
+    compact: str | None = Field(
+        None,
+        description="Directory or fsspec URI of a spatially partitioned dataset that each run "
+        "with scenes done compacts the output into, after the run (`georetina compact`); "
+        "null: none.",
+    )
 
 
 def parse_datetime_interval(text: str) -> tuple[datetime | None, datetime | None]:
@@ -461,8 +467,8 @@ def _read_yaml(path: Path) -> Any:
 def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read a job YAML (safe loader: no tags, no code) and validate it.
 
-    A relative ``output.path`` or input path is taken relative to the job file's folder, so
-    a job file means the same thing wherever it is run from.
+    A relative ``output.path``, ``output.compact`` or input path is taken relative to the job
+    file's folder, so a job file means the same thing wherever it is run from.
     """
     path = Path(path)
     data = _read_yaml(path)
@@ -522,9 +528,12 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(inputs, list):
         data["inputs"] = [_resolve_input(item, base) for item in inputs]
     output = data.get("output")
-    if isinstance(output, dict) and isinstance(output.get("path"), str):
-        if _is_local_relative(output["path"]):
-            data["output"] = {**output, "path": _join(base, output["path"])}
+    if isinstance(output, dict):
+        output = dict(output)
+        for key in ("path", "compact"):
+            if isinstance(output.get(key), str) and _is_local_relative(output[key]):
+                output[key] = _join(base, output[key])
+        data["output"] = output
     data.update(_resolve_model_preset(data, base))
     return data
 

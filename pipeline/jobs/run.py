@@ -101,7 +101,9 @@ def run_job(
         Flow(spec, report, progress, progress_every_s, started, detector_actor, on_progress).run(
             todo
         )
-    return _finish(report, started, spec.output.path)
+    report = _finish(report, started, spec.output.path)
+    compact_after_run(spec, report, progress)
+    return report
 
 
 def scenes_to_run(spec: JobSpec, model_id: str, report: RunReport, force: bool) -> list[dict]:
@@ -374,3 +376,28 @@ def _run_map(report: RunReport, output_root: str) -> str | None:
     except (GeoRetinaError, OSError) as error:
         log.warning("run map not drawn: %s", error)
         return None
+
+def compact_after_run(spec: JobSpec, report: RunReport, progress: Callable[[str], None]) -> None:
+    """``output.compact``: the output compacted into that dataset once the run is recorded
+    (its report written), when the run has scenes done.
+
+    A compaction that fails is logged (with its traceback) and said in the progress; it never
+    fails the run: every scene is written and recorded already, and a compaction stopped
+    part-way loses nothing (:mod:`pipeline.io.partition`), so the next run with scenes done,
+    or ``georetina compact``, finishes it.
+    """
+    dest = spec.output.compact
+    if dest is None or not report.count("done"):
+        return
+    from pipeline.io.partition import compact_dataset
+
+    try:
+        done = compact_dataset(spec.output.path, dest)
+    except Exception as error:  # noqa: BLE001 - the run's scenes stand; this can be redone
+        log.warning("output.compact %s failed", redact_text(dest), exc_info=True)
+        progress(
+            f"compact {dest}: failed ({first_line(error)}); the run's scenes are recorded: "
+            f"`georetina compact {spec.output.path} {dest}` or the next run compacts them"
+        )
+        return
+    progress(f"compact {dest}: {done.line()}")
