@@ -29,6 +29,7 @@ WHERE = QueryFilter(
 def recipes() -> dict[str, str]:
     found = {name: code for name, _, code in RECIPE.findall(README.read_text())}
     assert set(found) >= {"cli", "geopandas", "duckdb", "duckdb-count", "polars"}
+    assert set(found) >= {f"compacted-{way}" for way in ("cli", "duckdb", "polars", "geopandas")}
     return found
 
 
@@ -116,3 +117,73 @@ def test_polars_recipe(workdir, cli_results, monkeypatch):
     assert names(namespace["index"]["path"]) == SINCE_29_MAY
     assert set(ships["detection_id"].to_list()) == cli_results[0]
     assert ships.height == len(cli_results[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The compacted dataset (`georetina compact`)
+# --------------------------------------------------------------------------------------------
+
+
+def run_shell_recipe(name: str, workdir: Path) -> list[str]:
+    """A recipe's `georetina` lines run as they are, with the venv's `georetina` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    outputs = []
+    for line in recipes()[name].strip().splitlines():
+        assert line.startswith("georetina ")
+        done = subprocess.run(
+            shlex.split(line), cwd=workdir, env=env, capture_output=True, text=True, check=True
+        )
+        outputs.append(done.stdout)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def compacted(workdir) -> set[str]:
+    """``compacted/`` made by the README's own command; the ids its query line wrote."""
+    outputs = run_shell_recipe("compacted-cli", workdir)
+    assert outputs[0].startswith("compacted out -> compacted: ")
+    rows = pyarrow.csv.read_csv(workdir / "ships-compacted.csv")
+    return set(rows.column("detection_id").to_pylist())
+
+
+def all_cells(workdir: Path) -> set[str]:
+    return {p.parent.parent.name.removeprefix("cell=") for p in workdir.glob("compacted/*/*/*")}
+
+
+@pytest.mark.timeout(120)
+def test_the_compacted_cli_recipe_matches_the_per_scene_files(workdir, cli_results, compacted):
+    assert compacted == cli_results[0]
+    assert len(all_cells(workdir)) > 4  # small cells: pruning has something to skip
+
+
+@pytest.mark.timeout(120)
+def test_compacted_duckdb_recipe_skips_partitions(workdir, cli_results, compacted, monkeypatch):
+    import duckdb
+
+    namespace = run_recipe("compacted-duckdb", workdir, monkeypatch)
+    ships = namespace["ships"]
+    assert set(ships.detection_id) == cli_results[0] and len(ships) == len(cli_results[0])
+    assert 0 < len(namespace["cells"]) < len(all_cells(workdir))
+    # DuckDB itself leaves out the files whose cell or day cannot match (it says how many
+    # files of those its partition filters kept it scanned).
+    plan = duckdb.sql("explain analyze " + namespace["query"]).fetchall()[0][1]
+    scanned, kept = map(int, re.search(r"Scanning Files: (\d+)/(\d+)", plan).groups())
+    files = len(list(workdir.glob("compacted/cell=*/date=*/part.parquet")))
+    assert 0 < scanned <= kept < files
+
+
+@pytest.mark.timeout(120)
+def test_compacted_polars_recipe(workdir, cli_results, compacted, monkeypatch):
+    ships = run_recipe("compacted-polars", workdir, monkeypatch)["ships"]
+    assert set(ships["detection_id"].to_list()) == cli_results[0]
+    assert ships.height == len(cli_results[0])
+
+
+@pytest.mark.timeout(120)
+def test_compacted_geopandas_recipe(workdir, cli_results, compacted, monkeypatch):
+    namespace = run_recipe("compacted-geopandas", workdir, monkeypatch)
+    ships = namespace["ships"]
+    assert set(ships.detection_id) == cli_results[0] and len(ships) == len(cli_results[0])
+    files = list(workdir.glob("compacted/cell=*/date=*/part.parquet"))
+    assert 0 < len(namespace["files"]) < len(files)  # the cells and days ruled the rest out
+    assert ships.crs.to_string() == "OGC:CRS84"
