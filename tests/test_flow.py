@@ -135,3 +135,26 @@ def test_a_layout_that_leaves_no_cpu_for_reads_is_refused(ray_session, archive, 
     )
     with pytest.raises(GeoRetinaError, match=r"detect\.num_cpus_per_actor to at most 0\.75"):
         run_job(spec, progress=quiet)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_stalled_before_its_first_batch_gives_its_actors_back(ray_session, archive, tmp_path):
+    """No batch ever comes out, so Ray Data never hands the dataset its executor: the run
+    still stops it when the stall timeout ends the run, and the actor's CPU is free again."""
+    import time
+
+    class NeverReady(DetectorActor):  # defined here: Ray ships a local class by value
+        """A detector whose start-up never ends (a model that hangs while it loads)."""
+
+        def __init__(self, spec_json: str, board: object = None) -> None:
+            time.sleep(3600)
+
+    report = run_with(NeverReady, archive, tmp_path / "out", detect={"stall_timeout_s": 8})
+    assert report.count("done") == 0
+    assert report.count("failed") + report.scenes_not_started == SCENES, report.scenes
+    total = ray_session.cluster_resources()["CPU"]
+    for _ in range(600):  # a kill takes a moment to show in the resources
+        if ray_session.available_resources().get("CPU", 0.0) == total:
+            break
+        time.sleep(0.1)
+    assert ray_session.available_resources().get("CPU", 0.0) == total

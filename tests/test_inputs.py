@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pystac
 import pytest
 import yaml
+from servers import RangeServer
 
 from pipeline.config import ListInput, StacInput, load_job, parse_job
 from pipeline.errors import GeoRetinaError, JobSpecError
@@ -22,7 +23,6 @@ from pipeline.io.discovery import discover_scenes, parse_uri_list
 from pipeline.io.stac import stac_scenes
 from pipeline.io.synthetic import plan_objects, write_scene
 from pipeline.jobs.run import run_job
-from servers import RangeServer
 
 OUT = {"path": "out"}
 

@@ -253,7 +253,7 @@ def build_dataset(
         actor_env["OMP_NUM_THREADS"] = str(detect.torch_threads)
     # by_alias: list inputs are spelt {list: ...} (their field is named uris).
     spec_json = spec.model_dump_json(by_alias=True)
-    return (
+    dataset = (
         ray.data.from_items(scenes, override_num_blocks=min(len(scenes), 1000))
         .map_batches(
             plan_scene,
@@ -287,6 +287,23 @@ def build_dataset(
             runtime_env={"env_vars": actor_env},
         )
     )
+    _keep_executor(dataset)
+    return dataset
+
+
+def _keep_executor(dataset: ray.data.Dataset) -> None:
+    """Note the dataset's executor as soon as it is made, for :func:`release`.
+
+    Ray Data puts it on the dataset (``_current_executor``) only once the first batch is
+    out; a run that stalled before that (actors that never start) could not be stopped.
+    """
+    create = dataset._create_executor
+
+    def create_and_keep() -> Any:
+        dataset._georetina_executor = create()
+        return dataset._georetina_executor
+
+    dataset._create_executor = create_and_keep
 
 
 def release(dataset: ray.data.Dataset) -> None:
@@ -294,15 +311,13 @@ def release(dataset: ray.data.Dataset) -> None:
 
     A run that ends early must not leave actors holding the cluster's CPUs or GPUs: a
     notebook or service runs many jobs in one Ray session. Shutting the executor down is
-    what Ray Data's own blocking calls do when they finish. Ray Data puts the executor on
-    the dataset only once the first batch is out, so a run that stalls before any batch
-    leaves its actors to Ray's own clean-up of the dropped dataset (seen to outlive the
-    run: an open gap).
+    what Ray Data's own blocking calls do when they finish.
     """
-    executor = getattr(dataset, "_current_executor", None)
-    if executor is not None:
-        executor.shutdown(force=True)
-        dataset._current_executor = None
+    for name in ("_current_executor", "_georetina_executor"):
+        executor = getattr(dataset, name, None)
+        if executor is not None:
+            executor.shutdown(force=True)
+            setattr(dataset, name, None)
 
 
 def _until_stalled(batches: Iterator[T], stall_s: float) -> Iterator[T]:
@@ -376,6 +391,7 @@ def _run_map(report: RunReport, output_root: str) -> str | None:
     except (GeoRetinaError, OSError) as error:
         log.warning("run map not drawn: %s", error)
         return None
+
 
 def compact_after_run(spec: JobSpec, report: RunReport, progress: Callable[[str], None]) -> None:
     """``output.compact``: the output compacted into that dataset once the run is recorded
