@@ -22,7 +22,14 @@ ALLOCATOR_ENV = {
 # while 13 MB of objects were alive, and a 32k x 32k scene peaked at 1.29x the memory of a 4k
 # one. Every 100 ms keeps that to a tenth. Clusters set it on every node as
 # RAY_free_objects_period_milliseconds (infra/Dockerfile: KubeRay and the launcher run it).
-RAY_SYSTEM_CONFIG = {"free_objects_period_milliseconds": 100}
+# Ray also kills a worker process idle for a second once there are more than CPUs, and a new
+# one takes ~2 CPU-s to start (torch, rasterio): the plan, read and merge tasks of an archive
+# of small scenes kept 150 of them coming and going (2,000 one-tile scenes: 161 s -> 115 s
+# with a minute's grace). Clusters: RAY_idle_worker_killing_time_threshold_ms.
+RAY_SYSTEM_CONFIG = {
+    "free_objects_period_milliseconds": 100,
+    "idle_worker_killing_time_threshold_ms": 60_000,
+}
 
 
 def ensure_ray(address: str | None = None, log_to_driver: bool = False) -> None:
