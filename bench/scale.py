@@ -394,7 +394,7 @@ def part_archive(work: Path, scenes: int) -> dict[str, float]:
     clock = ray.remote(Clock).options(num_cpus=0).remote()
     # One tile a scene: a batch of 4 (the default) goes to a detector after 4 scenes, not 256.
     spec = job([{"list": str(listed)}], work / f"out-archive-{scenes}", batch_size=4)
-    started = time.time()
+    started, cpu_before = time.time(), time.process_time()
     report = run_job(
         spec, force=True, progress=lambda line: None, detector_actor=simulated_gpu(0.0, clock)
     )
@@ -406,6 +406,9 @@ def part_archive(work: Path, scenes: int) -> dict[str, float]:
         f"archive_driver_peak_rss_mb_{label}": round(peak_mb, 1),
         f"first_tile_s_{label}": round(first - started - report.ray_start_s, 2),
         f"archive_wall_s_{label}": round(report.wall_s, 1),
+        f"archive_driver_cpu_ms_per_scene_{label}": round(
+            (time.process_time() - cpu_before) / scenes * 1e3, 2
+        ),
     }
 
 

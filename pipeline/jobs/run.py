@@ -254,7 +254,9 @@ def build_dataset(
     # by_alias: list inputs are spelt {list: ...} (their field is named uris).
     spec_json = spec.model_dump_json(by_alias=True)
     dataset = (
-        ray.data.from_items(scenes, override_num_blocks=min(len(scenes), 1000))
+        # One block a scene: scenes are planned in parallel (20 scenes a block made 2,000
+        # one-tile scenes take 259 s instead of 115 s: each block's plans ran one by one).
+        ray.data.from_items(scenes, override_num_blocks=len(scenes))
         .map_batches(
             plan_scene,
             batch_size=1,
