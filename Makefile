@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/tiling.py
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/query.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis
