@@ -3,9 +3,10 @@
 Two cases, each printing ``name: value`` lines:
 
 ``--case model`` (default size 8192): a synthetic COG (3-band uint8, UTM) through the real
-job on an embedded Ray (RetinaNet ResNet-18 FPN, CPU, one single-threaded detector actor per
+job on an embedded Ray (RetinaNet ResNet-18 FPN, CPU, one detector actor using every
 core), against the bare model's forward over the same tiles (already in memory) with the same
-batch size, in the same layout: one single-threaded process per core. The job's time counts
+batch size, one single-threaded process per core (the job's own layout until two such actors
+were seen to hang, 2026-12-02; open). The job's time counts
 everything from `run_job` to the last file written: pre-flight, actor start-up (importing
 torch and torchvision), reads, inference, merge and write.
 
