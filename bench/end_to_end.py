@@ -5,8 +5,8 @@ Two cases, each printing ``name: value`` lines:
 ``--case model`` (default size 8192): a synthetic COG (3-band uint8, UTM) through the real
 job on an embedded Ray (RetinaNet ResNet-18 FPN, CPU, one detector actor using every
 core), against the bare model's forward over the same tiles (already in memory) with the same
-batch size, one single-threaded process per core (the job's own layout until two such actors
-were seen to hang, 2026-12-02; open). The job's time counts
+batch size, one single-threaded process per core (the job's own layout until it was found to leave
+less than the one CPU Ray Data's repartition tasks take). The job's time counts
 everything from `run_job` to the last file written: pre-flight, actor start-up (importing
 torch and torchvision), reads, inference, merge and write.
 
@@ -150,8 +150,8 @@ def synthetic_scene(workdir: Path, size: int, tile: int) -> Path:
 
 
 def cpu_job(scene: Path, workdir: Path, backbone: str, tile: int, batch: int) -> JobSpec:
-    """The job on this machine's cores: one actor using every core, one CPU left to reads
-    (two single-threaded actors were seen to hang before any tile on 2 cores: open)."""
+    """The job on this machine's cores: one actor using every core's threads, one CPU left
+    to the repartition and read tasks (jobs.run.REPARTITION_TASK_CPUS)."""
     threads = os.cpu_count() or 1
     return parse_job(
         {

@@ -133,7 +133,7 @@ def test_a_layout_that_leaves_no_cpu_for_reads_is_refused(ray_session, archive, 
     spec = parse_job(
         threshold_job(sorted(archive.glob("*.tif")), tmp_path / "out", detect={"num_actors": 2})
     )
-    with pytest.raises(GeoRetinaError, match=r"detect\.num_cpus_per_actor to at most 0\.75"):
+    with pytest.raises(GeoRetinaError, match=r"detect\.num_cpus_per_actor to at most 0\.50"):
         run_job(spec, progress=quiet)
 
 
@@ -158,3 +158,23 @@ def test_a_run_stalled_before_its_first_batch_gives_its_actors_back(ray_session,
             break
         time.sleep(0.1)
     assert ray_session.available_resources().get("CPU", 0.0) == total
+
+
+@pytest.mark.timeout(300)
+def test_two_actors_that_leave_a_cpu_free_give_the_clean_rows(
+    ray_session, archive, clean, tmp_path
+):
+    """Two detector actors of 0.5 CPU on the session's 2: the repartition's 1-CPU tasks and
+    the reads still fit, and the rows are the one-actor run's. (Two of 0.75 hung before their
+    first tile; the layout check now refuses them.)"""
+    output = tmp_path / "out"
+    spec = parse_job(
+        threshold_job(
+            sorted(archive.glob("*.tif")),
+            output,
+            detect={"num_actors": 2, "num_cpus_per_actor": 0.5, "stall_timeout_s": 120},
+        )
+    )
+    report = run_job(spec, progress=quiet)
+    assert report.count("done") == SCENES, report.scenes
+    assert output_rows(str(output)) == clean

@@ -83,8 +83,9 @@ def check_layout_fits(
         fits = max(0.0, (cpus - read_cpus) / num_actors)
         raise ClusterTooSmallError(
             f"detect.num_actors x detect.num_cpus_per_actor = {actor_cpus:g} CPUs leaves less "
-            f"than the {read_cpus:g} CPU a read task needs on this cluster's {cpus:g}: the "
-            f"actors would wait for tiles that no read could make. Lower detect.num_actors, "
+            f"than the {read_cpus:g} CPU the tile stages' tasks need on this cluster's "
+            f"{cpus:g}: the actors would wait for tiles that no task could make. Lower "
+            f"detect.num_actors, "
             f"or set detect.num_cpus_per_actor to at most {fits:.2f}"
         )
 

@@ -51,6 +51,10 @@ T = TypeVar("T")
 # per core beats one multi-threaded actor: no OpenMP barrier stalls when a read task runs).
 READ_TASK_CPUS = 0.5
 PLAN_TASK_CPUS = 0.25
+# Ray Data's repartition (a plan's chunks into one block each) takes no num_cpus: its tasks
+# ask for one whole CPU. Detector actors that leave less than that free hang before their
+# first tile (two actors of 0.75 CPU on 2 CPUs did, as did one of 1.5): refused at start.
+REPARTITION_TASK_CPUS = 1.0
 
 
 def run_job(
@@ -96,7 +100,8 @@ def run_job(
             detect.num_actors,
             detect.num_cpus_per_actor,
             detect.num_gpus_per_actor,
-            READ_TASK_CPUS,  # plan and merge tasks take less; each waits its turn
+            # The largest task a tile must pass through; plan and merge tasks take less.
+            max(READ_TASK_CPUS, REPARTITION_TASK_CPUS),
         )
         Flow(spec, report, progress, progress_every_s, started, detector_actor, on_progress).run(
             todo
