@@ -270,10 +270,9 @@ def object_store_ratio(spec: object) -> float:
     board = ray.remote(SceneBoard).options(num_cpus=0).remote()
     dataset = build_dataset(spec, [_scene_row(scene)], board)
     tiles = sum(batch.num_rows for batch in dataset.iter_batches(batch_format="pyarrow"))
-    stages = dataset._get_stats_summary()  # Ray Data's record of every block it made
-    summaries = [stages, *stages.parents]
-    while summaries[-1].parents:
-        summaries.extend(summaries[-1].parents)
+    summaries = [dataset._get_stats_summary()]  # Ray Data's record of every block it made
+    for summary in summaries:  # grows as it goes: every parent's stages too
+        summaries.extend(summary.parents)
     blocks = {
         op.operator_name: op.output_size_bytes.sum
         for summary in summaries

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import shapely
+from pyproj import CRS
 
 GEOPARQUET_VERSION = "1.1.0"
 
@@ -93,6 +94,17 @@ def hilbert_order(
     gx = np.round((cx - cx.min()) / span_x * cells)
     gy = np.round((cy - cy.min()) / span_y * cells)
     return np.argsort(hilbert_index(gx, gy), kind="stable")
+
+
+def primary_column(geo: dict) -> dict:
+    """The primary geometry column's entry of a file's ``geo`` metadata."""
+    return geo["columns"][geo.get("primary_column", "geometry")]
+
+
+def column_crs(column: dict) -> CRS:
+    """A geometry column's CRS: its PROJJSON, or lon/lat when it has none (GeoParquet's rule)."""
+    crs = column.get("crs")
+    return CRS.from_user_input("OGC:CRS84") if crs is None else CRS.from_json_dict(crs)
 
 
 def geo_metadata(crs_projjson: dict, bbox: list[float], geometry_types: list[str]) -> dict:

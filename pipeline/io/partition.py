@@ -34,7 +34,13 @@ from pyproj import CRS, Transformer
 from pyproj.exceptions import ProjError
 
 from pipeline.errors import CompactionError, OutputNotWritableError, OutputUnreadableError
-from pipeline.io.geoparquet import geo_metadata, hilbert_order, write_parquet_atomic
+from pipeline.io.geoparquet import (
+    column_crs,
+    geo_metadata,
+    hilbert_order,
+    primary_column,
+    write_parquet_atomic,
+)
 from pipeline.io.index import scene_files
 from pipeline.io.ledger import Ledger
 from pipeline.io.writable import check_output_writable
@@ -322,15 +328,18 @@ def _partitions(table: pa.Table, layout: Layout) -> np.ndarray:
     return keys + "/date=" + _days(table) if layout.by_date else keys
 
 
-def _crs_of(table: pa.Table) -> CRS:
+def _geometry_column(table: pa.Table) -> dict:
+    """The table's ``geo`` entry for its geometry column (empty without ``geo`` metadata)."""
     geo = json.loads((table.schema.metadata or {}).get(b"geo", b"{}") or b"{}")
-    column = geo.get("columns", {}).get("geometry", {})
-    return CRS.from_json_dict(column["crs"]) if column.get("crs") else LONLAT
+    return primary_column(geo) if geo.get("columns") else {}
+
+
+def _crs_of(table: pa.Table) -> CRS:
+    return column_crs(_geometry_column(table))
 
 
 def _types(table: pa.Table) -> set[str]:
-    geo = json.loads((table.schema.metadata or {}).get(b"geo", b"{}") or b"{}")
-    return set(geo.get("columns", {}).get("geometry", {}).get("geometry_types", []))
+    return set(_geometry_column(table).get("geometry_types", []))
 
 
 def _zoom_for(files: pa.Table, fresh: dict[str, pa.Table], by_date: bool) -> int:
@@ -338,8 +347,9 @@ def _zoom_for(files: pa.Table, fresh: dict[str, pa.Table], by_date: bool) -> int
     scenes = [t for t in fresh.values() if t.num_rows]
     if not scenes:
         return 0
-    lon = np.array([float(np.mean(_centres(t)[0])) for t in scenes])
-    lat = np.array([float(np.mean(_centres(t)[1])) for t in scenes])
+    centres = [_centres(t) for t in scenes]  # one transform a scene
+    lon = np.array([float(np.mean(x)) for x, _ in centres])
+    lat = np.array([float(np.mean(y)) for _, y in centres])
     weights = np.array([t.nbytes for t in scenes], dtype=np.float64)
     days = np.array([_days(t)[0] for t in scenes], dtype=object) if by_date else None
     total = int(pc.sum(files["bytes"]).as_py() or 0)
@@ -416,6 +426,11 @@ def partitioned_files(fs: fsspec.AbstractFileSystem, root: str) -> PartitionedFi
     return PartitionedFiles(files, partitions, layout)
 
 
+def partition_fields(key: str) -> dict[str, str]:
+    """A partition's hive fields: ``cell=q12/date=2026-06-01`` -> ``{"cell": "q12", ...}``."""
+    return dict(part.split("=", 1) for part in key.split("/"))
+
+
 def partitions_matching(
     partitions: Sequence[str],
     layout: Layout,
@@ -427,7 +442,7 @@ def partitions_matching(
 ) -> np.ndarray:
     """Per partition: whether it may hold a row whose box meets ``bbox`` (in ``crs``, the
     dataset's; edges included) and that was acquired in [``since``, ``until``)."""
-    fields = [dict(part.split("=", 1) for part in key.split("/")) for key in partitions]
+    fields = [partition_fields(key) for key in partitions]
     keep = np.ones(len(fields), dtype=bool)
     reach = None if bbox is None else _centre_reach(bbox, layout.margin, crs)
     if reach is not None and fields:

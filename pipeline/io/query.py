@@ -38,9 +38,14 @@ import shapely
 from pyproj import CRS, Transformer
 
 from pipeline.errors import QueryError
-from pipeline.io.geoparquet import SCHEMA, geo_metadata
+from pipeline.io.geoparquet import SCHEMA, column_crs, geo_metadata, primary_column
 from pipeline.io.iostats import ReadCounter, counting_filesystem
-from pipeline.io.partition import PartitionedFiles, partitioned_files, partitions_matching
+from pipeline.io.partition import (
+    PartitionedFiles,
+    partition_fields,
+    partitioned_files,
+    partitions_matching,
+)
 
 FORMATS = ("table", "csv", "geojson", "parquet")
 
@@ -362,9 +367,7 @@ def open_detections(
     elif files:
         first = read_footer(filesystem, files[0])
         geo, schema = geo_of(first, files[0]), first.schema.to_arrow_schema()
-        column = geo["columns"][geo.get("primary_column", "geometry")]
-        if column.get("crs") is not None:  # absent means lon/lat (GeoParquet spec)
-            crs = CRS.from_json_dict(column["crs"])
+        crs = column_crs(primary_column(geo))
     return Detections(source, files, filesystem, crs, schema, geo, reads, index, partitions)
 
 
@@ -460,7 +463,7 @@ def matching_cells(source: str, where: QueryFilter = QueryFilter()) -> list[str]
         raise QueryError(f"{source}: not a compacted dataset (no {source}/_state.parquet)")
     kept = {path for path, _ in candidates(found, in_dataset_crs(where, found.crs))}
     pairs = zip(found.files, found.partitions.partitions, strict=True)
-    return sorted({key.split("/")[0].removeprefix("cell=") for path, key in pairs if path in kept})
+    return sorted({partition_fields(key)["cell"] for path, key in pairs if path in kept})
 
 
 def _protocol(source: str) -> str | None:

@@ -64,12 +64,13 @@ def start_embedded_ray(num_cpus: int | None = None, log_to_driver: bool = False)
 
 
 def check_layout_fits(
-    num_actors: int, cpus_per_actor: float, gpus_per_actor: float, read_cpus: float
+    num_actors: int, cpus_per_actor: float, gpus_per_actor: float, task_cpus: float
 ) -> None:
     """Refuse a layout whose stages cannot all be scheduled on the cluster as it is now.
 
-    Detector actors are placed first and hold their CPUs for the whole run; if they take
-    every CPU, no read task can ever start and the run would wait forever.
+    Detector actors are placed first and hold their CPUs for the whole run; if they leave
+    less than ``task_cpus`` (the largest task a tile passes through) free, that task can
+    never start and the run would wait forever.
     """
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -79,11 +80,11 @@ def check_layout_fits(
             f"detect.num_actors x detect.num_gpus_per_actor = {num_actors * gpus_per_actor:g} "
             f"GPUs, but the cluster has {gpus:g}: lower detect.num_actors"
         )
-    if cpus and actor_cpus + read_cpus > cpus:
-        fits = max(0.0, (cpus - read_cpus) / num_actors)
+    if cpus and actor_cpus + task_cpus > cpus:
+        fits = max(0.0, (cpus - task_cpus) / num_actors)
         raise ClusterTooSmallError(
             f"detect.num_actors x detect.num_cpus_per_actor = {actor_cpus:g} CPUs leaves less "
-            f"than the {read_cpus:g} CPU the tile stages' tasks need on this cluster's "
+            f"than the {task_cpus:g} CPU the tile stages' tasks need on this cluster's "
             f"{cpus:g}: the actors would wait for tiles that no task could make. Lower "
             f"detect.num_actors, "
             f"or set detect.num_cpus_per_actor to at most {fits:.2f}"
