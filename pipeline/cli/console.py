@@ -43,7 +43,6 @@ EXIT_BUG = 70  # EX_SOFTWARE in sysexits.h
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
-
 def exit_code_for(error: BaseException) -> int:
     """The exit code an error that ends a command means (see the module's table)."""
     if isinstance(error, KeyboardInterrupt):
@@ -76,6 +75,7 @@ class Console:
     out: IO[str]
     err: IO[str]
     log_path: Path | None = None
+    verbose: bool = False  # -v: also Ray's, GDAL's and PyTorch's own output and progress
     _restore: list[Callable[[], None]] = field(default_factory=list)
 
     def error(self, message: str) -> None:
@@ -136,7 +136,7 @@ def open_console(command: str, verbose: bool) -> Iterator[Console]:
     and the command's own error lines go to a copy of the original stderr.
     """
     if verbose:
-        yield Console(out=sys.stdout, err=sys.stderr)
+        yield Console(out=sys.stdout, err=sys.stderr, verbose=True)
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     log_path = new_log_path(command)

@@ -39,13 +39,20 @@ def _print_report(report: object) -> None:
 
 
 def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
-    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere."""
+    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere;
+    with ``-v`` Ray Data's own progress bars too."""
     from pipeline.cli.progress import PlainProgress, open_display
     from pipeline.jobs.run import run_job
 
-    display = open_display(console.out)
+    display = open_display(console.out, plain=True if console.verbose else None)
     try:
-        return run_job(spec, progress=display.line, on_progress=display.update, **options)
+        return run_job(
+            spec,
+            progress=display.line,
+            on_progress=display.update,
+            ray_progress_bars=console.verbose,
+            **options,
+        )
     finally:
         display.close()
         if not isinstance(display, PlainProgress):

@@ -48,6 +48,9 @@ class BarProgress:
             TextColumn("ETA {task.fields[eta]}"),
             console=console,
             transient=False,
+            # Python's stderr is the log file unless -v (and -v gets plain lines): rich would
+            # print what Ray and GDAL write there above the bar.
+            redirect_stderr=False,
         )
         self.task: TaskID = self.progress.add_task(
             "run", total=None, scenes="scenes 0/0+", tiles="tiles 0/0+", rate="0.00", eta="?"
@@ -77,7 +80,10 @@ class BarProgress:
 
 
 def open_display(out: IO[str], plain: bool | None = None) -> RunDisplay:
-    """A bar when ``out`` is a terminal (``plain`` None: decided by ``out``), else lines."""
+    """A bar when ``out`` is a terminal (``plain`` None: decided by ``out``), else lines.
+
+    ``georetina -v`` asks for lines: Ray Data's own bars then have the terminal to themselves.
+    """
     console = RichConsole(file=out)
     if plain is None:
         plain = not console.is_terminal or console.is_dumb_terminal

@@ -67,12 +67,15 @@ def run_job(
     progress_every_s: float = 10.0,
     detector_actor: type = DetectorActor,
     on_progress: Callable[[RunProgress], None] | None = None,
+    ray_progress_bars: bool = False,
 ) -> RunReport:
     """Run a job to the end and return its report; one bad scene never stops the others.
 
     Every ``progress_every_s`` and once at the end, the run's progress goes to
     ``on_progress`` as a :class:`RunProgress` when given (a progress bar), else to
     ``progress`` as a plain line; scenes done and failed always go to ``progress``.
+
+    ``ray_progress_bars`` shows Ray Data's own progress bars (``georetina -v``).
 
     ``detector_actor`` replaces the detector stage's class (same constructor and call) for
     benchmarks and fault tests: a simulated GPU, a detector that fails on purpose.
@@ -103,9 +106,16 @@ def run_job(
             # The largest task a tile must pass through; plan and merge tasks take less.
             max(READ_TASK_CPUS, REPARTITION_TASK_CPUS),
         )
-        Flow(spec, report, progress, progress_every_s, started, detector_actor, on_progress).run(
-            todo
-        )
+        Flow(
+            spec,
+            report,
+            progress,
+            progress_every_s,
+            started,
+            detector_actor,
+            on_progress,
+            ray_progress_bars=ray_progress_bars,
+        ).run(todo)
     report = _finish(report, started, spec.output.path)
     compact_after_run(spec, report, progress)
     return report
@@ -151,8 +161,10 @@ class Flow:
         started: float,
         detector_actor: type = DetectorActor,
         on_progress: Callable[[RunProgress], None] | None = None,
+        ray_progress_bars: bool = False,
     ) -> None:
         self.spec, self.report, self.progress = spec, report, progress
+        self.ray_progress_bars = ray_progress_bars
         self.detector_actor, self.on_progress = detector_actor, on_progress
         self.progress_every_s, self.started = progress_every_s, started
         # On the driver's node: a worker node that goes away takes no scene state with it.
@@ -197,7 +209,9 @@ class Flow:
         del todo
         stage_error = None
         if runnable:
-            dataset = build_dataset(self.spec, runnable, self.board, self.detector_actor)
+            dataset = build_dataset(
+                self.spec, runnable, self.board, self.detector_actor, self.ray_progress_bars
+            )
             del runnable
             try:
                 self._drain(dataset, scenes_total)
@@ -236,12 +250,16 @@ class Flow:
 
 
 def build_dataset(
-    spec: JobSpec, scenes: list[dict], board: Any, detector_actor: type = DetectorActor
+    spec: JobSpec,
+    scenes: list[dict],
+    board: Any,
+    detector_actor: type = DetectorActor,
+    ray_progress_bars: bool = False,
 ) -> ray.data.Dataset:
     """scenes → plan (one row a chunk) → read → detect, streamed, memory bounded by budget."""
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    context.enable_progress_bars = ray_progress_bars  # georetina -v
+    context.print_on_execution_start = ray_progress_bars
     # A block that fails past its retries drops its tiles; their scene then fails alone
     # ("only k of n tiles came back") instead of the whole dataset stopping.
     context.max_errored_blocks = -1
@@ -250,7 +268,8 @@ def build_dataset(
     context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=budget
     )
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data logs its progress at INFO when stdout is not a terminal.
+    logging.getLogger("ray.data").setLevel(logging.INFO if ray_progress_bars else logging.WARNING)
     detect = spec.detect
     actor_env = dict(ALLOCATOR_ENV)
     if detect.torch_threads:
