@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import sigmoid_focal_loss
 
 from pipeline.config import OptimSettings, TrainSpec
+from pipeline.errors import GeoRetinaError
 from pipeline.io.labels import LabelledRaster, read_labels
 
 log = logging.getLogger(__name__)
@@ -495,6 +497,7 @@ def run_training(
         from pipeline.io.labels import LabelError
 
         raise LabelError(f"training {spec.name}: the label files hold no boxes")
+    _check_can_start(spec)
     started = time.perf_counter()
     ensure_ray(address, log_to_driver=show_worker_logs)
     epochs_queue = Queue() if on_epoch is not None else None
@@ -514,7 +517,7 @@ def run_training(
     with _relayed(epochs_queue, on_epoch):
         result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        raise _our_error(result.error) or result.error
     with fsspec.open(training_record_uri(spec.output), "r") as handle:
         record = json.load(handle)
     return TrainReport(
@@ -525,6 +528,31 @@ def run_training(
         first_loss=record["epochs"][0]["loss"],
         wall_s=time.perf_counter() - started,
     )
+
+
+def _check_can_start(spec: TrainSpec) -> None:
+    """What would otherwise fail on a worker after Ray's start (the output: after training):
+    the starting checkpoint is readable and the checkpoint's folder is writable."""
+    from pipeline.io.writable import check_output_writable
+    from pipeline.model.build import parse_state_dict, read_checkpoint_bytes
+
+    if spec.init_checkpoint:
+        blob, _ = read_checkpoint_bytes(spec.init_checkpoint, None)
+        parse_state_dict(blob, spec.init_checkpoint)
+    check_output_writable(posixpath.dirname(spec.output) or ".")
+
+
+def _our_error(error: BaseException) -> GeoRetinaError | None:
+    """The georetina error a worker raised, out of Ray Train's wrapping (its exit code)."""
+    from ray.exceptions import RayTaskError
+
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in [error, *failures.values()]:
+        while failure is not None:
+            if isinstance(failure, GeoRetinaError) and not isinstance(failure, RayTaskError):
+                return failure
+            failure = getattr(failure, "cause", None) or failure.__cause__
+    return None
 
 
 @contextlib.contextmanager
