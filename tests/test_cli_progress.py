@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 from rich.console import Console as RichConsole
 
 from pipeline.cli.progress import BarProgress, PlainProgress, open_display
@@ -61,3 +62,37 @@ def test_not_a_terminal_gets_the_plain_lines():
         "  scenes 4/10 (1 failed), tiles 120/400 (30%), 2.00 tiles/s, ETA 2m20s",
     ]
 
+
+def test_the_bar_leaves_pythons_stderr_alone(capsys):
+    """Quiet, sys.stderr is the log file: Ray's warnings written there stay off the terminal."""
+    import sys
+
+    out = io.StringIO()
+    bar = BarProgress(RichConsole(file=out, force_terminal=True, width=160))
+    print("Progress bars disabled. To enable, set ...", file=sys.stderr)
+    bar.update(snapshot())
+    bar.close()
+    assert "Progress bars disabled" not in out.getvalue()
+    assert "Progress bars disabled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_asks_for_ray_datas_bars_and_gives_them_the_terminal(monkeypatch, verbose):
+    import pipeline.jobs.run
+    from pipeline.cli.console import Console
+    from pipeline.cli.main import run_with_display
+
+    seen: dict = {}
+
+    def fake_run_job(spec, **options):
+        seen.update(options)
+        return "report"
+
+    monkeypatch.setattr(pipeline.jobs.run, "run_job", fake_run_job)
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]
+    console = Console(out=terminal, err=io.StringIO(), verbose=verbose)
+    assert run_with_display(object(), console, force=True) == "report"
+    assert seen["ray_progress_bars"] is verbose and seen["force"] is True
+    display = seen["progress"].__self__
+    assert isinstance(display, PlainProgress if verbose else BarProgress)
