@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import ModelSettings
 from pipeline.errors import CheckpointError
-from pipeline.model.build import build_model, load_model
+from pipeline.model.build import build_model, largest_stride, load_model
 from pipeline.model.detector import RetinaNetDetector, ThresholdDetector, detect_tiles
 
 TILE = 128
@@ -39,6 +39,59 @@ def test_model_does_not_resize_tiles(tiles):
     assert model.head.classification_head.num_classes == 2
 
 
+@pytest.mark.parametrize(
+    ("backbone", "stages", "anchors", "stride"),
+    [
+        ("resnet18_fpn", [2, 3], [16, 32, 64, 128], 64),  # the demo model
+        ("resnet18_fpn", [2, 3, 4], [32, 64, 128, 256, 512], 128),
+        ("resnet50_fpn", [2, 3, 4], [32, 64, 128, 256, 512], 128),  # P3-P7
+    ],
+)
+def test_largest_stride_is_the_coarsest_feature_maps_stride(backbone, stages, anchors, stride):
+    """Derived from the settings, checked against the network's own feature maps; tiles of
+    any size are padded to a multiple of it, so anchors are laid at the true stride."""
+    config = settings(backbone=backbone, fpn_stages=stages, anchor_sizes=anchors)
+    assert largest_stride(config) == stride
+    assert largest_stride(settings(kind="threshold")) == 1
+    model = build_model(config, 200)
+    with torch.inference_mode():
+        images, _ = model.transform([torch.rand(3, 200, 200)])
+        features = list(model.backbone(images.tensors).values())
+        anchors_out = model.anchor_generator(images, features)[0]
+    side = images.tensors.shape[-1]
+    assert side % stride == 0 and side >= 200
+    assert side // features[-1].shape[-1] == stride
+    # The coarsest level's anchors step by the stride (its centres lie on that grid).
+    last = anchors_out[-(features[-1].shape[-1] ** 2) * 9 :]
+    centres = torch.unique((last[:, 0] + last[:, 2]) / 2)
+    assert torch.allclose(torch.diff(centres), torch.tensor(float(stride)))
+
+
+def test_invalid_pixels_are_the_normalisations_mean_whatever_the_read_put_there(tiles):
+    """Past the raster's edge (or on nodata) the model sees the normalisation's mean, as in
+    torchvision's batch padding and the network's zero padding, never the pixels' values."""
+    config = settings(fpn_stages=[2, 3], anchor_sizes=[16, 32, 64, 128])  # stride 64
+    detector = RetinaNetDetector(config, TILE, device="cpu", torch_threads=2)
+    valid = np.zeros((1, TILE, TILE), np.uint8)
+    valid[0, :64, :100] = 1  # the raster ends inside this tile
+    black, noise = tiles[:1].copy(), tiles[:1].copy()
+    black[0][:, valid[0] == 0] = 0  # what a read gives past the edge
+    mean = np.round(255 * np.array(detector.model.transform.image_mean)).astype(np.uint8)
+    grey = black.copy()
+    grey[0][:, valid[0] == 0] = mean[:, None]
+    (as_noise,) = detector(noise, valid)
+    (as_black,) = detector(black, valid)
+    (unmasked_grey,) = detector(grey)
+    (unmasked_black,) = detector(black)
+    assert len(as_noise.boxes) > 0
+    np.testing.assert_array_equal(as_noise.boxes, as_black.boxes)
+    np.testing.assert_array_equal(as_noise.scores, as_black.scores)
+    # Grey in uint8 is the mean to within rounding: far nearer what the mask gives than black.
+    near = np.abs(unmasked_grey.scores[:5] - as_black.scores[:5]).max()
+    far = np.abs(unmasked_black.scores[:5] - as_black.scores[:5]).max()
+    assert near < far / 10
+
+
 def test_batched_detector_equals_a_per_tile_model_loop(tiles):
     detector = RetinaNetDetector(settings(), TILE, device="cpu", torch_threads=2)
     batched = detector(tiles)
@@ -62,7 +115,7 @@ def test_all_nodata_tiles_never_reach_the_detector(tiles):
     class Recorder:
         model_id = "recorder"
 
-        def __call__(self, images):
+        def __call__(self, images, valid=None):
             calls.append(len(images))
             return ThresholdDetector(settings(kind="threshold"))(images)
 

@@ -8,11 +8,14 @@ from torchvision.ops import batched_nms
 
 from pipeline.merge.bands import BandMerger
 from pipeline.ops.boxes import (
+    CORE_SLACK,
     CUT_COVERED_FRACTION,
     Candidates,
     MergeOptions,
     box_rings,
+    core_margin,
     detection_ids,
+    in_tile_core,
     merge_boxes,
     merge_detections,
     overlapping_pairs,
@@ -200,6 +203,49 @@ def test_touches_inner_edge_only_for_inner_sides():
     assert cut.tolist() == [True, False, False]
     cut = touches_inner_edge(boxes, 100, 100, (False, True, True, False), 1.0)
     assert cut.tolist() == [False, True, True]
+
+
+def test_a_tile_reports_only_boxes_centred_away_from_its_inner_edges():
+    # Centres at x = 10, 50, 95 in a 100 px tile whose right edge is inner, margin 28.
+    boxes = np.array([[0, 40, 20, 60], [40, 40, 60, 60], [90, 40, 100, 60]], dtype=np.float32)
+    assert in_tile_core(boxes, 100, 100, (False, False, True, False), 28.0).tolist() == [
+        True,
+        True,
+        False,
+    ]
+    assert in_tile_core(boxes, 100, 100, (True, False, True, False), 28.0).tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert in_tile_core(boxes, 100, 100, (False,) * 4, 28.0).all()  # the raster's border
+
+
+@given(
+    size=st.integers(300, 3000),
+    tile=st.sampled_from([256, 512]),
+    overlap=st.sampled_from([32, 64, 128]),
+    align=st.sampled_from([1, 64]),
+    centre=st.floats(0, 1),
+)
+def test_every_box_centre_is_reported_by_some_tile_of_the_plan(size, tile, overlap, align, centre):
+    """The zones that tiles report (inside their cores' margin) cover the raster, with
+    CORE_SLACK to spare, so no object is dropped by every tile that sees it."""
+    from pipeline.ops.tiles import aligned_step, axis_offsets, inner_edges
+
+    x = 5 + centre * (size - 10)  # boxes inside the raster, however they move
+    offsets = axis_offsets(size, tile, overlap, align)
+    margin = core_margin(tile - aligned_step(tile, overlap, align))
+    for shift in (-0.9 * CORE_SLACK, 0.0, 0.9 * CORE_SLACK):  # the box moves a little
+        box = np.array([[x - 1 + shift, 0, x + 1 + shift, 2]], dtype=np.float64)
+        reported = [
+            in_tile_core(
+                box - [o, 0, o, 0], tile, tile, inner_edges(o, 0, tile, size, tile), margin
+            )
+            for o in offsets
+            if o <= x + shift - 1 and x + shift + 1 <= o + tile
+        ]
+        assert any(bool(keep[0]) for keep in reported)
 
 
 def test_valid_fraction():

@@ -9,7 +9,7 @@ from servers import RangeServer
 from pipeline.errors import SceneError
 from pipeline.io.rasters import inspect_raster, open_raster
 from pipeline.io.reads import read_tile
-from pipeline.ops.tiles import axis_offsets, inner_edges, plan_tiles, to_uint8
+from pipeline.ops.tiles import axis_offsets, inner_edges, plan_alignment, plan_tiles, to_uint8
 
 
 @settings(max_examples=300, deadline=None)
@@ -18,25 +18,30 @@ from pipeline.ops.tiles import axis_offsets, inner_edges, plan_tiles, to_uint8
     height=st.integers(1, 3000),
     tile_size=st.integers(32, 700),
     overlap_fraction=st.floats(0.0, 0.49),
+    align=st.sampled_from([1, 8, 64, 128]),
 )
-def test_plan_covers_every_pixel_with_full_tiles_inside_and_cores_partition(
-    width, height, tile_size, overlap_fraction
+def test_plan_covers_every_pixel_with_full_aligned_tiles_and_cores_partition(
+    width, height, tile_size, overlap_fraction, align
 ):
     overlap = int(tile_size * overlap_fraction)
-    tiles = plan_tiles(width, height, tile_size, overlap)
+    if tile_size - overlap < align:
+        with pytest.raises(ValueError, match="largest stride"):
+            plan_tiles(width, height, tile_size, overlap, align)
+        return
+    tiles = plan_tiles(width, height, tile_size, overlap, align)
     covered = np.zeros((height, width), dtype=np.int32)
     cores = np.zeros((height, width), dtype=np.int32)
     for tile in tiles:
         assert (tile.width, tile.height) == (tile_size, tile_size)
-        assert tile.col_off >= 0 and tile.row_off >= 0
-        if width >= tile_size:
-            assert tile.col_off + tile.width <= width
-        else:
-            assert tile.col_off == 0
-        if height >= tile_size:
-            assert tile.row_off + tile.height <= height
-        else:
-            assert tile.row_off == 0
+        assert tile.col_off % align == 0 and tile.row_off % align == 0
+        # Inside the raster, or past its edge only as far as alignment needs (the last tile
+        # moved inward to the next multiple of align) or the raster is smaller than a tile.
+        for offset, size in ((tile.col_off, width), (tile.row_off, height)):
+            assert offset >= 0
+            if size >= tile_size:
+                assert offset + tile_size - size < align
+            else:
+                assert offset == 0
         covered[
             tile.row_off : tile.row_off + tile_size, tile.col_off : tile.col_off + tile_size
         ] += 1
@@ -53,9 +58,16 @@ def test_plan_covers_every_pixel_with_full_tiles_inside_and_cores_partition(
     assert (cores == 1).all()
 
 
-@given(size=st.integers(1, 5000), tile=st.integers(32, 600), overlap=st.integers(0, 15))
-def test_neighbours_overlap_at_least_by_overlap(size, tile, overlap):
-    offsets = axis_offsets(size, tile, overlap)
+@given(
+    size=st.integers(1, 5000),
+    tile=st.integers(32, 600),
+    overlap=st.integers(0, 15),
+    align=st.sampled_from([1, 16, 64]),
+)
+def test_neighbours_overlap_at_least_by_overlap(size, tile, overlap, align):
+    if tile - overlap < align:
+        return
+    offsets = axis_offsets(size, tile, overlap, align)
     assert offsets == sorted(set(offsets))
     for left, right in zip(offsets, offsets[1:], strict=False):
         assert left + tile - right >= overlap
@@ -65,6 +77,19 @@ def test_tile_count_formula():
     # 3072 px, 512 tiles, 64 overlap: stride 448, ceil(2560 / 448) + 1 = 7 per axis.
     assert len(plan_tiles(3072, 3072, 512, 64)) == 49
     assert axis_offsets(3072, 512, 64)[-1] == 3072 - 512
+
+
+def test_aligned_plan_moves_the_last_tile_to_a_multiple_of_the_stride():
+    # The crops: 1000 px and 1249 x 1035 with 512 px tiles, overlap 64, and the demo
+    # model's largest stride 64 (448 is 7 x 64, so only the last offset moves).
+    assert axis_offsets(1000, 512, 64) == [0, 448, 488]
+    assert axis_offsets(1000, 512, 64, align=64) == [0, 448, 512]  # 512 + 512 > 1000: padded
+    assert axis_offsets(1249, 512, 64, align=64) == [0, 448, 768]
+    assert axis_offsets(1035, 512, 64, align=64) == [0, 448, 576]
+    # ResNet-50 FPN on P3-P7 (stride 128): the step 448 is rounded down to 384.
+    assert axis_offsets(1000, 512, 64, align=128) == [0, 384, 512]
+    with pytest.raises(ValueError, match="largest stride \\(128\\)"):
+        axis_offsets(1000, 160, 48, align=128)
 
 
 def test_inner_edges():
@@ -387,3 +412,12 @@ def test_windows_fall_on_block_boundaries_when_the_stride_allows(
     size = blocks * block + 17
     offsets = axis_offsets(size, tile, overlap)
     assert all(offset % block == 0 for offset in offsets[:-1])
+
+
+def test_alignment_is_the_largest_stride_when_it_fits_else_a_finer_grid_at_no_extra_tiles():
+    assert plan_alignment(64, 512, 64) == 64  # the demo model
+    assert plan_alignment(128, 512, 64) == 128  # step 448 -> 384: the overlap widens to 128
+    assert plan_alignment(1, 512, 64) == 1  # the threshold detector
+    # 128 - 16 = 112 = 7 x 16: the P3 and P4 grids stay aligned, the tile count does not grow.
+    assert plan_alignment(128, 128, 16) == 16
+    assert len(plan_tiles(300, 200, 128, 16, 16)) == len(plan_tiles(300, 200, 128, 16)) == 6

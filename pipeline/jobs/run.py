@@ -37,7 +37,8 @@ from pipeline.jobs.ray_session import (
 from pipeline.jobs.report import RunProgress
 from pipeline.jobs.stages import DetectorActor, first_line, plan_scene, read_chunk
 from pipeline.jobs.tracking import RunReport, SceneTracker
-from pipeline.ops.boxes import MergeOptions
+from pipeline.ops.boxes import MergeOptions, core_margin
+from pipeline.ops.tiles import aligned_step, plan_alignment
 from pipeline.redact import redact_text
 
 __all__ = ["DetectorActor", "RunReport", "SceneOutcome", "run_job"]
@@ -182,9 +183,15 @@ class Flow:
 
     def _common(self) -> dict[str, Any]:
         """The fields every scene's merge context shares."""
+        from pipeline.model.build import largest_stride  # torch: imported by the driver only
+
         spec = self.spec
+        tile, overlap = spec.tiling.tile_size, spec.tiling.overlap
+        align = plan_alignment(largest_stride(spec.model), tile, overlap)
+        planned_overlap = tile - aligned_step(tile, overlap, align)
         return {
-            "tile_size": spec.tiling.tile_size,
+            "tile_size": tile,
+            "core_margin": core_margin(planned_overlap),
             "edge_tolerance": spec.merge.edge_tolerance,
             "merge": MergeOptions(
                 **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})
@@ -257,6 +264,10 @@ def build_dataset(
     ray_progress_bars: bool = False,
 ) -> ray.data.Dataset:
     """scenes → plan (one row a chunk) → read → detect, streamed, memory bounded by budget."""
+    from pipeline.model.build import largest_stride  # torch: imported by the driver only
+
+    tiling = spec.tiling
+    align = plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = ray_progress_bars  # georetina -v
     context.print_on_execution_start = ray_progress_bars
@@ -284,7 +295,8 @@ def build_dataset(
         .map_batches(
             plan_scene,
             batch_size=1,
-            fn_kwargs={"tiling": spec.tiling, "board": board},
+            # Offsets on the model's coarsest feature grid: tiles see what the whole image would.
+            fn_kwargs={"tiling": spec.tiling, "board": board, "align": align},
             num_cpus=PLAN_TASK_CPUS,
         )
         # One read task a chunk: a plan's chunks would otherwise share one block.

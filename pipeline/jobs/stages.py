@@ -34,12 +34,13 @@ def first_line(error: BaseException, limit: int = 500) -> str:
 
 
 def plan_scene(
-    batch: dict[str, np.ndarray], tiling: TilingSettings, board: Any
+    batch: dict[str, np.ndarray], tiling: TilingSettings, board: Any, align: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data stage: pre-flight one scene, post its plan, yield its read chunks.
 
-    The plan is two arrays of offsets, cut into chunks of ``tiling.tiles_per_read_task``;
-    a scene whose pre-flight fails is posted as failed and yields nothing.
+    The plan is two arrays of offsets (multiples of ``align``, the model's largest stride),
+    cut into chunks of ``tiling.tiles_per_read_task``; a scene whose pre-flight fails is
+    posted as failed and yields nothing.
     """
     scene = {key: str(values[0]) for key, values in batch.items()}
     try:
@@ -51,7 +52,7 @@ def plan_scene(
             tiling.read_timeout_s,
             tiling.allow_pixel_coordinates,
         )
-        cols, rows = plan_offsets(info.width, info.height, tiling.tile_size, tiling.overlap)
+        cols, rows = plan_offsets(info.width, info.height, tiling.tile_size, tiling.overlap, align)
     except Exception as error:  # noqa: BLE001 - this scene fails, the others go on
         ray.get(board.post_failure.remote(scene["scene_id"], str(error), scene))
         return

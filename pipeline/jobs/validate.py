@@ -23,7 +23,7 @@ from pipeline.io.scenes import Scene
 from pipeline.io.writable import check_output_writable
 from pipeline.jobs.report import format_duration
 from pipeline.model.detector import Detector
-from pipeline.ops.tiles import plan_tiles
+from pipeline.ops.tiles import plan_alignment, plan_tiles
 
 # Scenes pre-flighted at once: each is a few small reads, mostly waiting on storage.
 PREFLIGHT_THREADS = 8
@@ -126,7 +126,11 @@ def validate_job(
 
 def preflight_scenes(spec: JobSpec, scenes: list[Scene], done: set[str]) -> list[SceneCheck]:
     """Each scene's pre-flight (size, bands, CRS, last block) and its tile count."""
+    from pipeline.model.build import largest_stride  # torch: only when validating
+
     tiling = spec.tiling
+    # As the run plans: offsets on the model's coarsest feature grid.
+    align = plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
 
     def check(scene: Scene) -> SceneCheck:
         if scene.identity in done:
@@ -144,7 +148,7 @@ def preflight_scenes(spec: JobSpec, scenes: list[Scene], done: set[str]) -> list
             )
         except Exception as error:  # noqa: BLE001 - reported per scene, as a run would
             return SceneCheck(scene.scene_id, scene.public_uri, problem=str(error))
-        tiles = plan_tiles(info.width, info.height, tiling.tile_size, tiling.overlap)
+        tiles = plan_tiles(info.width, info.height, tiling.tile_size, tiling.overlap, align)
         return SceneCheck(scene.scene_id, scene.public_uri, tiles=len(tiles))
 
     with ThreadPoolExecutor(PREFLIGHT_THREADS) as pool:

@@ -19,6 +19,7 @@ from pipeline.ops.boxes import (
     MergeOptions,
     box_rings,
     detection_ids,
+    in_tile_core,
     touches_inner_edge,
 )
 from pipeline.ops.tiles import inner_edges
@@ -43,6 +44,7 @@ class SceneContext:
     row_group_size: int
     acquired_at: datetime | None = None  # from the source (STAC); else the raster's tags
     stac_item_id: str | None = None
+    core_margin: float = 0.0  # a tile drops boxes centred nearer its inner edges (ops.boxes)
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,18 @@ def gather_candidates(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All tiles' boxes in scene pixels, with scores, class ids and a 'cut by a tile edge' flag."""
     boxes, scores, class_ids, is_cut = [], [], [], []
+    width, height = context.info.width, context.info.height
+    bounds = np.array([width, height, width, height], dtype=np.float64)
     for (col_off, row_off), detections in zip(offsets, found, strict=True):
         if len(detections.boxes) == 0:
             continue
         inner = inner_edges(
             col_off, row_off, context.tile_size, context.info.width, context.info.height
         )
+        if context.core_margin > 0:  # each box from a tile that sees enough around it
+            size = context.tile_size
+            keep = in_tile_core(detections.boxes, size, size, inner, context.core_margin)
+            detections = detections.select(keep)
         is_cut.append(
             touches_inner_edge(
                 detections.boxes,
@@ -84,7 +92,8 @@ def gather_candidates(
             )
         )
         shift = np.array([col_off, row_off, col_off, row_off], dtype=np.float64)
-        boxes.append(detections.boxes.astype(np.float64) + shift)
+        # Clipped to the raster: a tile padded past its edge may box into the padding.
+        boxes.append(np.minimum(detections.boxes.astype(np.float64) + shift, bounds))
         scores.append(detections.scores)
         class_ids.append(detections.class_ids)
     if not boxes:

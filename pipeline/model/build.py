@@ -36,6 +36,19 @@ class NoResizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def largest_stride(settings: ModelSettings) -> int:
+    """Scene pixels per cell of the model's coarsest feature map (1 for ``threshold``).
+
+    ResNet stage ``layer{k}`` has stride ``2 ** (k + 1)`` (layer2 = C3 = 8), and P6 and P7
+    above the last stage asked for halve it twice more: 64 for the demo model (C3-C4),
+    128 for ResNet-50 FPN on P3-P7. Tiles whose offsets are multiples of it see the feature
+    grid the whole image would (see ``ops.tiles.axis_offsets``).
+    """
+    if settings.kind == "threshold":
+        return 1
+    return 2 ** (settings.fpn_stages[-1] + 1 + 2)
+
+
 def _anchor_generator(settings: ModelSettings) -> AnchorGenerator:
     # Three scales per octave, as in the paper: 2^0, 2^(1/3), 2^(2/3).
     sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in settings.anchor_sizes)
@@ -88,8 +101,14 @@ def build_model(settings: ModelSettings, tile_size: int) -> RetinaNet:
         detections_per_img=settings.detections_per_tile,
         topk_candidates=settings.topk_candidates,
     )
+    # Padded to a multiple of the largest stride (torchvision pads to 32): anchors are laid
+    # at image size // feature size, which is the true stride only when it divides.
     model.transform = NoResizeTransform(
-        tile_size, tile_size, model.transform.image_mean, model.transform.image_std
+        tile_size,
+        tile_size,
+        model.transform.image_mean,
+        model.transform.image_std,
+        size_divisible=largest_stride(settings),
     )
     return model.eval()
 

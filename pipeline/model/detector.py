@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from pipeline.config import ModelSettings
 from pipeline.ops.boxes import valid_fraction
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,14 @@ class TileDetections:
 
 
 class Detector(Protocol):
+    """``images`` uint8 ``N×C×H×W``; ``valid`` (optional) the ``N×H×W`` 0/1 mask of pixels
+    inside the raster and with data: a model sees the others as it sees its own padding."""
+
     model_id: str
 
-    def __call__(self, images: np.ndarray) -> list[TileDetections]: ...
+    def __call__(
+        self, images: np.ndarray, valid: np.ndarray | None = None
+    ) -> list[TileDetections]: ...
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -78,7 +86,7 @@ class RetinaNetDetector:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
 
-    def __call__(self, images: np.ndarray) -> list[TileDetections]:
+    def __call__(self, images: np.ndarray, valid: np.ndarray | None = None) -> list[TileDetections]:
         import torch
 
         from pipeline.model.postprocess import retinanet_detect
@@ -98,6 +106,8 @@ class RetinaNetDetector:
             if on_gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = x.float().div_(255.0)
+            if valid is not None and not valid.all():
+                x = self._mean_where_invalid(x, valid)
             mixed = on_gpu and self.autocast_dtype is not None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=mixed):
                 # torchvision's network, then our batched postprocessing (model/postprocess.py)
@@ -110,6 +120,20 @@ class RetinaNetDetector:
             )
             for out in outputs
         ]
+
+    def _mean_where_invalid(self, x: torch.Tensor, valid: np.ndarray) -> torch.Tensor:
+        """Pixels past the raster's edge or without data become the normalisation's mean.
+
+        Normalised, that is 0: what torchvision pads a batch with, and what the first
+        convolution's zero padding stands for. So the model sees one thing outside the data
+        wherever it is: past the edge of a padded tile, at a tile edge that is the raster's
+        border, and beyond the whole image.
+        """
+        import torch
+
+        mask = torch.from_numpy(np.ascontiguousarray(valid, dtype=np.bool_)).to(self.device)
+        mean = torch.as_tensor(self.model.transform.image_mean, device=x.device)
+        return torch.where(mask[:, None], x, mean.view(1, -1, 1, 1).to(x.dtype))
 
 
 class ThresholdDetector:
@@ -124,7 +148,8 @@ class ThresholdDetector:
         self.min_pixels = settings.threshold_min_pixels
         self.model_id = settings.model_id()
 
-    def __call__(self, images: np.ndarray) -> list[TileDetections]:
+    def __call__(self, images: np.ndarray, valid: np.ndarray | None = None) -> list[TileDetections]:
+        # Invalid pixels are 0 in the read tiles: below any level, so ``valid`` is not needed.
         from scipy import ndimage
 
         results = []
@@ -182,7 +207,7 @@ def detect_tiles(
     todo = np.flatnonzero(runnable & valid.reshape(len(valid), -1).any(axis=1))
     if len(todo) == 0:
         return results
-    for index, found in zip(todo, detector(images[todo]), strict=True):
+    for index, found in zip(todo, detector(images[todo], valid[todo]), strict=True):
         if min_valid_fraction > 0 and len(found.boxes) and not valid[index].all():
             found = found.select(valid_fraction(found.boxes, valid[index]) >= min_valid_fraction)
         results[index] = found

@@ -24,6 +24,9 @@ Metric = Literal["iou", "ios"]
 # inside a whole (uncut) box of the same class from a neighbouring tile.
 CUT_COVERED_FRACTION = 0.5
 
+# Pixels by which the zones that two neighbouring tiles report overlap (see core_margin).
+CORE_SLACK = 4.0
+
 _UNDECIDED, _KEPT, _SUPPRESSED = 0, 1, 2
 
 
@@ -72,6 +75,46 @@ def touches_inner_edge(
     if bottom:
         cut |= boxes[:, 3] >= tile_height - tolerance
     return cut
+
+
+def core_margin(overlap: int) -> float:
+    """How far in from an inner tile edge a box's centre must lie for its tile to report it.
+
+    Half the overlap, less :data:`CORE_SLACK`: a neighbour sees every dropped box at least
+    ``overlap / 2 + CORE_SLACK`` px from its own edges, with more of the scene around it, and
+    the zones two neighbours keep overlap by ``2 * CORE_SLACK`` px, so an object whose box
+    centre moves a little between the two tiles is still kept by one (and NMS merges the two
+    when both keep it).
+    """
+    return max(overlap / 2 - CORE_SLACK, 0.0)
+
+
+def in_tile_core(
+    boxes: np.ndarray,
+    tile_width: int,
+    tile_height: int,
+    inner: tuple[bool, bool, bool, bool],
+    margin: float,
+) -> np.ndarray:
+    """Which boxes (tile pixels) have their centre at least ``margin`` from every inner edge.
+
+    Near an inner edge the model sees only part of an object's surroundings and scores what
+    it sees differently from the whole image; the neighbouring tile sees the same place
+    further in. Edges on the raster's border are no reason to drop a box.
+    """
+    left, top, right, bottom = inner
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    keep = np.ones(len(boxes), dtype=bool)
+    if left:
+        keep &= cx >= margin
+    if top:
+        keep &= cy >= margin
+    if right:
+        keep &= cx <= tile_width - margin
+    if bottom:
+        keep &= cy <= tile_height - margin
+    return keep
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from rasterio.windows import Window
 class Tile:
     """One planned tile: its window in scene pixels and the core it owns when merging.
 
-    The window is always ``tile_size`` square so batches stack; it reaches past the raster
-    only when the raster is smaller than one tile (the read pads it). The cores of a plan
-    partition the raster: every pixel belongs to exactly one core.
+    The window is always ``tile_size`` square so batches stack. It reaches past the raster
+    when the raster is smaller than one tile, or when the last tile of a row or column,
+    moved inward only as far as the next multiple of ``align``, still ends past the edge (the
+    read pads it, and marks the padding invalid). The cores of a plan partition the raster:
+    every pixel belongs to exactly one core.
     """
 
     row: int
@@ -43,23 +45,61 @@ class Tile:
         return Window(self.col_off, self.row_off, self.width, self.height)
 
 
-def axis_offsets(size: int, tile_size: int, overlap: int) -> list[int]:
-    """Start offsets of tiles along one axis of ``size`` pixels.
+def plan_alignment(stride: int, tile_size: int, overlap: int) -> int:
+    """What tile offsets are multiples of: the model's largest ``stride`` when it fits in
+    ``tile_size - overlap``. A tile too small to step by the coarsest cell (128 px tiles and
+    a P7 model) aligns the finer grids, where small objects are found, as far as the step
+    allows without more tiles: the largest power of two dividing it."""
+    step = tile_size - overlap
+    if stride <= step:
+        return max(stride, 1)
+    return max(min(stride, step & -step), 1)
 
-    With stride ``s = tile_size - overlap``, ``n = ceil((size - tile_size) / s) + 1`` tiles
-    cover the axis (the ceiling adds the last, partial step). The last tile is moved inward
-    to ``size - tile_size`` instead of hanging over the edge, so it overlaps its neighbour by
-    more than ``overlap`` but stays full size. An axis shorter than a tile gets one tile at 0.
 
-    Offsets start at 0 and step by the stride, so when tile size and overlap are whole
-    multiples of the raster's block size (512 and 0, 1024 and 512, ...) every window but the
-    last starts on a block boundary: alignment comes free and no extra tiles are paid for it.
+def aligned_step(tile_size: int, overlap: int, align: int = 1) -> int:
+    """Distance between neighbouring tiles: ``tile_size - overlap`` rounded down to ``align``.
+
+    Rounding down only widens the overlap, so every object the overlap was chosen for is
+    still whole in some tile.
+
+    Raises:
+        ValueError: if no positive multiple of ``align`` fits in ``tile_size - overlap``.
     """
+    if align < 1:
+        raise ValueError(f"align must be at least 1: {align}")
+    step = (tile_size - overlap) // align * align
+    if step <= 0:
+        raise ValueError(
+            f"tile_size - overlap ({tile_size} - {overlap}) must be at least the model's "
+            f"largest stride ({align}): make the tiles larger or the overlap smaller"
+        )
+    return step
+
+
+def axis_offsets(size: int, tile_size: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles along one axis of ``size`` pixels, each a multiple of ``align``.
+
+    With step ``s`` (:func:`aligned_step`), ``n = ceil((size - tile_size) / s) + 1`` tiles
+    cover the axis (the ceiling adds the last, partial step). The last tile is moved inward
+    to ``size - tile_size`` rounded *up* to a multiple of ``align``, so it ends at or past the
+    raster's edge and overlaps its neighbour by at least ``overlap``. An axis no longer than a
+    tile gets one tile at 0.
+
+    ``align`` is the model's largest stride: a tile whose offset is a multiple of it sees the
+    feature grid the whole image would (every convolution samples the same pixels), so tiled
+    detections equal whole-image ones away from the tile edges. With ``align=1`` the last
+    tile ends exactly at the edge.
+
+    Offsets start at 0 and step by ``s``, so when tile size and overlap are whole multiples
+    of the raster's block size (512 and 0, 1024 and 512, ...) every window but the last
+    starts on a block boundary: alignment comes free and no extra tiles are paid for it.
+    """
+    step = aligned_step(tile_size, overlap, align)
     if size <= tile_size:
         return [0]
-    stride = tile_size - overlap
-    count = math.ceil((size - tile_size) / stride) + 1
-    return [min(index * stride, size - tile_size) for index in range(count)]
+    count = math.ceil((size - tile_size) / step) + 1
+    last = math.ceil((size - tile_size) / align) * align
+    return [min(index * step, last) for index in range(count)]
 
 
 def axis_cores(offsets: list[int], size: int, tile_size: int) -> list[tuple[int, int]]:
@@ -71,18 +111,23 @@ def axis_cores(offsets: list[int], size: int, tile_size: int) -> list[tuple[int,
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> list[Tile]:
-    """Tiles covering a ``width × height`` raster, row-major.
-
-    Raises:
-        ValueError: if the raster is empty or the overlap is not below the tile size.
-    """
+def _check_plan(width: int, height: int, tile_size: int, overlap: int) -> None:
     if width <= 0 or height <= 0:
         raise ValueError(f"raster has no pixels: {width}x{height}")
     if not 0 <= overlap < tile_size:
         raise ValueError(f"overlap {overlap} must be in [0, tile_size={tile_size})")
-    col_offsets = axis_offsets(width, tile_size, overlap)
-    row_offsets = axis_offsets(height, tile_size, overlap)
+
+
+def plan_tiles(width: int, height: int, tile_size: int, overlap: int, align: int = 1) -> list[Tile]:
+    """Tiles covering a ``width × height`` raster, row-major, offsets multiples of ``align``.
+
+    Raises:
+        ValueError: if the raster is empty, the overlap is not below the tile size, or no
+            step that is a multiple of ``align`` fits (:func:`aligned_step`).
+    """
+    _check_plan(width, height, tile_size, overlap)
+    col_offsets = axis_offsets(width, tile_size, overlap, align)
+    row_offsets = axis_offsets(height, tile_size, overlap, align)
     col_cores = axis_cores(col_offsets, width, tile_size)
     row_cores = axis_cores(row_offsets, height, tile_size)
     tiles = []
@@ -108,18 +153,15 @@ def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> list[Ti
 
 
 def plan_offsets(
-    width: int, height: int, tile_size: int, overlap: int
+    width: int, height: int, tile_size: int, overlap: int, align: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """The windows of :func:`plan_tiles` as two int32 arrays ``(col_offs, row_offs)``, row-major.
 
     What travels between stages: two integers a tile, never an object a tile.
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"raster has no pixels: {width}x{height}")
-    if not 0 <= overlap < tile_size:
-        raise ValueError(f"overlap {overlap} must be in [0, tile_size={tile_size})")
-    cols = np.asarray(axis_offsets(width, tile_size, overlap), dtype=np.int32)
-    rows = np.asarray(axis_offsets(height, tile_size, overlap), dtype=np.int32)
+    _check_plan(width, height, tile_size, overlap)
+    cols = np.asarray(axis_offsets(width, tile_size, overlap, align), dtype=np.int32)
+    rows = np.asarray(axis_offsets(height, tile_size, overlap, align), dtype=np.int32)
     return np.tile(cols, len(rows)), np.repeat(rows, len(cols))
 
 
