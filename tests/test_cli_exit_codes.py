@@ -143,3 +143,32 @@ def test_ctrl_c_is_130_and_says_how_to_resume(tmp_path, silent_server):
     assert process.returncode == 130, err
     assert "interrupted" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
+
+
+def test_a_commands_warnings_go_to_the_log_and_the_suites_filters_still_apply(
+    tmp_path, capsys, monkeypatch
+):
+    """Quiet, a library's warning is written to the log file, not the terminal; and it is
+    not ignored, so the suite's 'Ray deprecations are errors' reaches every command."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    import pipeline.config
+
+    category = UserWarning
+
+    def warns() -> dict:
+        warnings.warn("a library's noisy warning", category, stacklevel=1)
+        return {}
+
+    monkeypatch.setattr(pipeline.config, "job_schema", warns)
+    monkeypatch.setenv("GEORETINA_LOG_DIR", str(tmp_path / "logs"))
+    assert main(["schema", "job"]) == 0
+    printed = capsys.readouterr()
+    assert "noisy" not in printed.out + printed.err
+    (log,) = (tmp_path / "logs").glob("schema-*.log")
+    assert "a library's noisy warning" in log.read_text()
+    category = RayDeprecationWarning  # pyproject: error::...RayDeprecationWarning
+    assert main(["schema", "job"]) == 70
+    assert "unexpected RayDeprecationWarning" in capsys.readouterr().err

@@ -127,6 +127,22 @@ def _quiet_loggers(log_stream: IO[str], err: IO[str]) -> list[Callable[[], None]
     return [restore]
 
 
+def _to_log(log_stream: IO[str]) -> Callable[..., None]:
+    """``warnings.showwarning`` writing to the log file."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: IO[str] | None = None,
+        line: str | None = None,
+    ) -> None:
+        log_stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    return show
+
+
 @contextlib.contextmanager
 def open_console(command: str, verbose: bool) -> Iterator[Console]:
     """The console a command prints to; quiet unless ``verbose`` (see the module's doc).
@@ -160,8 +176,10 @@ def open_console(command: str, verbose: bool) -> Iterator[Console]:
     sys.stderr = log_stream
     restore.append(lambda: setattr(sys, "stderr", original_stderr))
     restore.extend(_quiet_loggers(log_stream, err))
+    # Python's warnings go to the log file; they are not ignored, so that a test session's
+    # filters (Ray's deprecations as errors) still apply to the commands.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.showwarning = _to_log(log_stream)
         try:
             yield Console(out=sys.stdout, err=err, log_path=log_path)
         finally:
