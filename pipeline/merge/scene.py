@@ -70,8 +70,6 @@ def gather_candidates(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All tiles' boxes in scene pixels, with scores, class ids and a 'cut by a tile edge' flag."""
     boxes, scores, class_ids, is_cut = [], [], [], []
-    width, height = context.info.width, context.info.height
-    bounds = np.array([width, height, width, height], dtype=np.float64)
     for (col_off, row_off), detections in zip(offsets, found, strict=True):
         if len(detections.boxes) == 0:
             continue
@@ -92,8 +90,7 @@ def gather_candidates(
             )
         )
         shift = np.array([col_off, row_off, col_off, row_off], dtype=np.float64)
-        # Clipped to the raster: a tile padded past its edge may box into the padding.
-        boxes.append(np.minimum(detections.boxes.astype(np.float64) + shift, bounds))
+        boxes.append(detections.boxes.astype(np.float64) + shift)
         scores.append(detections.scores)
         class_ids.append(detections.class_ids)
     if not boxes:

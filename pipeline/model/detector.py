@@ -208,7 +208,27 @@ def detect_tiles(
     if len(todo) == 0:
         return results
     for index, found in zip(todo, detector(images[todo], valid[todo]), strict=True):
-        if min_valid_fraction > 0 and len(found.boxes) and not valid[index].all():
-            found = found.select(valid_fraction(found.boxes, valid[index]) >= min_valid_fraction)
+        if len(found.boxes) and not valid[index].all():
+            found = within_data(found, valid[index], min_valid_fraction)
         results[index] = found
     return results
+
+
+def within_data(
+    found: TileDetections, valid: np.ndarray, min_valid_fraction: float
+) -> TileDetections:
+    """Boxes clipped to the extent of the tile's data, then those mostly on nodata dropped.
+
+    Clipped first, so a box reaching past the raster's edge is judged by the part on the
+    raster, whether the tile ended at that edge (the network clipped it there) or was padded
+    past it (the padding is invalid): a tiled run and a whole-image run decide alike.
+    """
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    low = np.array([cols[0], rows[0], cols[0], rows[0]], dtype=np.float32)
+    high = np.array([cols[-1] + 1, rows[-1] + 1, cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
+    boxes = np.clip(found.boxes, low, high)
+    found = TileDetections(boxes, found.scores, found.class_ids)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if min_valid_fraction > 0:
+        keep &= valid_fraction(boxes, valid) >= min_valid_fraction
+    return found.select(keep)
