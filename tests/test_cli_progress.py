@@ -89,6 +89,11 @@ def test_verbose_asks_for_ray_datas_bars_and_gives_them_the_terminal(monkeypatch
         return "report"
 
     monkeypatch.setattr(pipeline.jobs.run, "run_job", fake_run_job)
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "enable_rich_progress_bars", False)  # restored after the test
+    monkeypatch.setattr(context, "use_ray_tqdm", True)
     terminal = io.StringIO()
     terminal.isatty = lambda: True  # type: ignore[method-assign]
     console = Console(out=terminal, err=io.StringIO(), verbose=verbose)
@@ -96,3 +101,5 @@ def test_verbose_asks_for_ray_datas_bars_and_gives_them_the_terminal(monkeypatch
     assert seen["ray_progress_bars"] is verbose and seen["force"] is True
     display = seen["progress"].__self__
     assert isinstance(display, PlainProgress if verbose else BarProgress)
+    # Ray Data's bars drawn with rich (ours), not tqdm (not installed: no bars at all).
+    assert context.enable_rich_progress_bars is verbose and context.use_ray_tqdm is not verbose

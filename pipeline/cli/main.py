@@ -45,6 +45,8 @@ def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
     from pipeline.jobs.run import run_job
 
     display = open_display(console.out, plain=True if console.verbose else None)
+    if console.verbose:
+        _ray_data_rich_bars()
     try:
         return run_job(
             spec,
@@ -57,6 +59,15 @@ def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
         display.close()
         if not isinstance(display, PlainProgress):
             console.out.flush()
+
+
+def _ray_data_rich_bars() -> None:
+    """Ray Data draws its bars with rich (a dependency of ours) rather than tqdm (not one)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_rich_progress_bars = True
+    context.use_ray_tqdm = False
 
 
 def cmd_run(args: argparse.Namespace) -> int:
