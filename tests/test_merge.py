@@ -10,6 +10,7 @@ from pipeline.merge.bands import BandMerger
 from pipeline.ops.boxes import (
     CORE_SLACK,
     CUT_COVERED_FRACTION,
+    SCORE_STEP,
     Candidates,
     MergeOptions,
     box_rings,
@@ -45,7 +46,9 @@ def reference_merge(boxes, scores, class_ids, is_cut, options=None, return_union
             inter = intersection(i, j)
             if inter > 0 and inter >= CUT_COVERED_FRACTION * areas[i]:
                 alive[i] = False
-    order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
+    # Greedy order: quantised score first (decisions never hang on a score's last bits).
+    steps = np.floor(np.asarray(scores, np.float64) / SCORE_STEP)
+    order = sorted(range(count), key=lambda i: (-steps[i], i))
     kept = []
     union = boxes.astype(np.float64).copy()
     for i in order:
@@ -337,3 +340,25 @@ def test_band_merger_holds_only_open_groups():
     # The first box ends above the next band: final now. The second crosses into it: held.
     assert final.boxes.tolist() == [[0, 0, 10, 10]]
     assert merger.pending.boxes.tolist() == [[0, 90, 10, 110]]
+
+
+@pytest.mark.parametrize("bump", [0.0, 1e-7], ids=["first-higher-by-rounding", "second-higher"])
+def test_a_near_tie_is_decided_by_position_not_by_the_last_bits(bump):
+    """Two layouts round the same score's last bits differently (6e-7 measured): the merge
+    keeps the same box, and writes rows in the same order, either way."""
+    boxes = np.array([[10, 10, 40, 40], [12, 10, 42, 40], [200, 200, 230, 230]], np.float64)
+    base = np.float32(0.7)
+    scores = np.array([base + np.float32(1e-7 - bump), base + np.float32(bump), base], np.float32)
+    assert scores[0] != scores[1]  # a real difference in the last bits
+    kept = merge_boxes(boxes, scores, np.zeros(3, np.int16), np.zeros(3, bool))
+    assert kept.tolist() == [0, 2]  # the first in plan order wins, the far box follows it
+
+
+@pytest.mark.parametrize("bump", [0.0, 1e-7])
+def test_tile_nms_order_decides_near_ties_by_place(bump):
+    from pipeline.model.postprocess import decision_rank
+
+    scores = torch.tensor([0.7 + 1e-7 - bump, 0.7 + bump, 0.9, 0.1], dtype=torch.float32)
+    places = torch.tensor([5, 9, 30, 2])
+    order = torch.argsort(decision_rank(scores, places), descending=True).tolist()
+    assert order == [2, 0, 1, 3]

@@ -17,6 +17,8 @@ from torchvision.models.detection import RetinaNet
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import nms
 
+from pipeline.ops.boxes import SCORE_STEP
+
 BELOW_THRESHOLD = -1.0  # the masked score: below any sigmoid output
 
 
@@ -56,12 +58,15 @@ def batched_postprocess(
     ``one_nms_call``: one NMS for the batch (default on CUDA) or one per image (the CPU).
     """
     count, _, classes = logits.shape
-    boxes, scores, labels = [], [], []
+    boxes, scores, labels, keys = [], [], [], []
     start = 0
     for level_size in anchors_per_level:
         level = torch.sigmoid(logits[:, start : start + level_size].reshape(count, -1))
         level = level.masked_fill(level <= model.score_thresh, BELOW_THRESHOLD)
-        top_scores, top = level.topk(min(model.topk_candidates, level.size(1)), dim=1)
+        # Top-k by quantised score, ties by position: the same candidates in any batch.
+        places = torch.arange(level.size(1), device=level.device).expand_as(level)
+        top = decision_rank(level, places).topk(min(model.topk_candidates, level.size(1))).indices
+        top_scores = level.gather(1, top)
         anchor_index = start + torch.div(top, classes, rounding_mode="floor")
         deltas = regression.gather(1, anchor_index.unsqueeze(-1).expand(-1, -1, 4))
         decoded = model.box_coder.decode_single(
@@ -70,6 +75,7 @@ def batched_postprocess(
         boxes.append(decoded.reshape(count, -1, 4))
         scores.append(top_scores)
         labels.append(top % classes)
+        keys.append(anchor_index * classes + top % classes)  # the candidate's place in the tile
         start += level_size
     all_boxes = box_ops.clip_boxes_to_image(torch.cat(boxes, 1), image_size)
     all_scores, all_labels = torch.cat(scores, 1), torch.cat(labels, 1)
@@ -77,11 +83,13 @@ def batched_postprocess(
     real = all_scores > model.score_thresh
     flat_boxes, flat_scores = all_boxes[real], all_scores[real]
     flat_labels, flat_images = all_labels[real], image_index[real]
+    # NMS visits candidates in decision order: quantised score, then place in the tile.
+    flat_order = decision_rank(flat_scores, torch.cat(keys, 1)[real])
     if one_nms_call is None:
         one_nms_call = logits.is_cuda
     if one_nms_call:
         # One NMS for the whole batch: one kernel and one sync instead of one per image.
-        keep = _nms_by_group(flat_boxes, flat_scores, flat_images * classes + flat_labels, model)
+        keep = _nms_by_group(flat_boxes, flat_order, flat_images * classes + flat_labels, model)
         # keep is in descending score order; a stable sort by image keeps that order per image.
         keep = keep[torch.sort(flat_images[keep], stable=True).indices]
     else:
@@ -91,7 +99,7 @@ def batched_postprocess(
         for image in range(count):
             mine = torch.nonzero(flat_images == image).squeeze(1)
             groups = flat_labels[mine]
-            kept.append(mine[_nms_by_group(flat_boxes[mine], flat_scores[mine], groups, model)])
+            kept.append(mine[_nms_by_group(flat_boxes[mine], flat_order[mine], groups, model)])
         keep = torch.cat(kept)
     per_image = torch.bincount(flat_images[keep], minlength=count).tolist()
     detections = []
@@ -103,16 +111,30 @@ def batched_postprocess(
     return detections
 
 
+def decision_rank(scores: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """A float64 key per score, distinct: higher for a higher quantised score, then for a
+    smaller place (distinct integers), never for how a batch rounded a score's last bits.
+
+    ``floor(score / SCORE_STEP)`` (at most 2^16) times the number of places, plus the place
+    reversed: below 2^53, so exact in float64 (what NMS takes as scores).
+    """
+    span = int(places.max().item()) + 1 if places.numel() else 1
+    steps = torch.floor(scores.double() / SCORE_STEP)
+    return steps * span + (span - 1 - places).double()
+
+
 def _nms_by_group(
-    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, model: RetinaNet
+    boxes: torch.Tensor, order: torch.Tensor, groups: torch.Tensor, model: RetinaNet
 ) -> torch.Tensor:
     """NMS within each group (image × class) in one call: groups are moved apart.
 
-    In float64: with many groups the offsets reach millions of pixels, where float32 would
-    round box edges and change IoUs near the threshold.
+    ``order`` (:func:`decision_rank`) stands in for the scores: distinct, so the result does
+    not hang on how the NMS kernel breaks ties. In float64: with many groups the offsets
+    reach millions of pixels, where float32 would round box edges and change IoUs near the
+    threshold.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     wide = boxes.double()
     offsets = groups.double() * (wide.max() + 1)
-    return nms(wide + offsets[:, None], scores.double(), model.nms_thresh)
+    return nms(wide + offsets[:, None], order, model.nms_thresh)
