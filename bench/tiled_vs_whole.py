@@ -63,7 +63,8 @@ def detect_crop(
     """The crop's merged detections (scene pixels) from ``tile``-px tiles, as a job makes them.
 
     ``as_before``: as the job tiled before issue 17 (last tile at ``size - tile``, padding
-    black, batches padded to 32), to show what the change does.
+    black, batches padded to 32, no core rule; boxes are still clipped to the data), to show
+    what the change does.
     """
     info = inspect_raster(path.stem, str(path), None, None, allow_pixel_coordinates=True)
     align = 1 if as_before else plan_alignment(largest_stride(settings), tile, overlap)
