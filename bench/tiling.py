@@ -13,8 +13,16 @@
    `read(window=...)`, band-first), on a 4096^2 COG of noise (imagery's entropy), passes
    alternated, best of five each. -> read_over_rasterio
 3. The same over s3:// on an S3-compatible server (moto) on loopback. -> read_over_rasterio_s3
+4. ``--case resampled`` (model.resolution_m): the job reading the 4096^2 and 16384^2 COGs
+   (0.5 m) at 0.7 m, a factor no overview matches (every read averages full-resolution
+   blocks), against the plain 16384^2 job -> peak_pss_ratio_resampled_16k_over_4k,
+   peak_pss_ratio_resampled_over_plain_16k; and our resampled reads of the noise COG against
+   a bare rasterio loop making the same resampled reads (``out_shape`` and ``resampling`` over
+   the same scene windows), at 0.7 m (average), 1.0 m (average, GDAL takes the 2x overview)
+   and 0.35 m (bilinear, upsampled) -> read_over_rasterio_resampled_{0.7,1.0,0.35}m.
 
-Run: .venv/bin/python bench/tiling.py [--workdir DIR]   (COGs are made once and kept in DIR)
+Run: .venv/bin/python bench/tiling.py [--workdir DIR] [--case all|resampled]
+(COGs are made once and kept in DIR)
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
-from pipeline.io.rasters import close_shared_rasters
+from pipeline.io.rasters import close_shared_rasters, inspect_raster
 from pipeline.io.reads import read_tiles
 from pipeline.io.synthetic import write_scene
+from pipeline.ops.grid import Resample
 from pipeline.ops.tiles import plan_tiles
 
 TILE, OVERLAP, CHUNK = 512, 64, 16
@@ -91,7 +100,7 @@ def tree_pss_bytes(root: int) -> int:
     return total
 
 
-def measure_job(scene: str, output: str) -> None:
+def measure_job(scene: str, output: str, resolution_m: str = "") -> None:
     """Child process: run the job on an embedded Ray and print the tree's peak PSS."""
     import ray
 
@@ -112,7 +121,7 @@ def measure_job(scene: str, output: str) -> None:
     spec = parse_job(
         {
             "inputs": [scene],
-            "model": {"kind": "threshold"},
+            "model": {"kind": "threshold", "resolution_m": float(resolution_m or 0) or None},
             "tiling": {"tile_size": TILE, "overlap": OVERLAP, "tiles_per_read_task": CHUNK},
             "detect": {"batch_size": 16, "num_cpus_per_actor": 0.5},
             "output": {"path": output},
@@ -125,9 +134,10 @@ def measure_job(scene: str, output: str) -> None:
     print(json.dumps({"peak": peak[0], "tiles": report.tiles, "done": report.count("done")}))
 
 
-def peak_of_job(scene: Path, workdir: Path) -> dict:
+def peak_of_job(scene: Path, workdir: Path, resolution_m: float | None = None) -> dict:
+    job = [str(scene), str(workdir / "out"), str(resolution_m or "")]
     result = subprocess.run(
-        [sys.executable, __file__, "--measure-job", str(scene), str(workdir / "out")],
+        [sys.executable, __file__, "--measure-job", *job],
         capture_output=True,
         text=True,
         check=True,
@@ -143,29 +153,70 @@ def windows_of(path: str) -> list:
         return plan_tiles(dataset.width, dataset.height, TILE, OVERLAP)
 
 
-def ours(uri: str, tiles: list) -> float:
+def ours(uri: str, tiles: list, resample: Resample | None = None) -> float:
     close_shared_rasters()  # start cold, as a job does: no blocks cached by an earlier pass
     started = time.perf_counter()
     for start in range(0, len(tiles), CHUNK):
         windows = [t.window for t in tiles[start : start + CHUNK]]
-        read_tiles(uri, windows, [1, 2, 3], (0.0, 255.0), None, TILE, timeout_s=300.0)
+        read_tiles(uri, windows, [1, 2, 3], (0.0, 255.0), None, TILE, 300.0, resample)
     return len(tiles) / (time.perf_counter() - started)
 
 
-def bare_rasterio(uri: str, tiles: list) -> float:
+def bare_rasterio(uri: str, tiles: list, resample: Resample | None = None) -> float:
+    from rasterio.enums import Resampling
+
     started = time.perf_counter()
     with rasterio.open(uri) as dataset:
         for tile in tiles:
-            dataset.read(window=Window(tile.col_off, tile.row_off, tile.width, tile.height))
+            if resample is None:
+                dataset.read(window=Window(tile.col_off, tile.row_off, tile.width, tile.height))
+                continue
+            # The same resampled read, clipped to the grid as ours are.
+            width = min(tile.width, resample.width - tile.col_off)
+            height = min(tile.height, resample.height - tile.row_off)
+            window = Window(*resample.scene_window(tile.col_off, tile.row_off, width, height))
+            dataset.read(
+                window=window,
+                out_shape=(3, height, width),
+                resampling=Resampling[resample.method],
+            )
     return len(tiles) / (time.perf_counter() - started)
 
 
-def read_ratio(uri: str, tiles: list, passes: int = 5) -> tuple[float, float]:
+def read_ratio(
+    uri: str, tiles: list, passes: int = 5, resample: Resample | None = None
+) -> tuple[float, float]:
     best_ours, best_bare = 0.0, 0.0
     for _ in range(passes):
-        best_bare = max(best_bare, bare_rasterio(uri, tiles))
-        best_ours = max(best_ours, ours(uri, tiles))
+        best_bare = max(best_bare, bare_rasterio(uri, tiles, resample))
+        best_ours = max(best_ours, ours(uri, tiles, resample))
     return best_ours, best_bare
+
+
+def resampled_case(workdir: Path, plain_16k: dict | None = None) -> None:
+    """Memory and read speed of scenes read at another resolution (model.resolution_m);
+    ``plain_16k``: the plain 16k job's run when the whole bench has just measured it."""
+    small = make_cog(workdir / "cog_4096.tif", 4096, noise=False)
+    middle = make_cog(workdir / "cog_16384.tif", 16384, noise=False)
+    imagery = make_cog(workdir / "cog_4096_noise.tif", 4096, noise=True)
+    runs = {
+        "resampled_4k": peak_of_job(small, workdir, 0.7),
+        "resampled_16k": peak_of_job(middle, workdir, 0.7),
+        "16k": plain_16k or peak_of_job(middle, workdir),
+    }
+    for name, run in runs.items():
+        print(f"tiles_{name}: {run['tiles']}")
+        print(f"peak_pss_{name}_mb: {run['peak'] / 2**20:.0f}")
+    resampled, plain = runs["resampled_16k"]["peak"], runs["16k"]["peak"]
+    print(f"peak_pss_ratio_resampled_16k_over_4k: {resampled / runs['resampled_4k']['peak']:.3f}")
+    print(f"peak_pss_ratio_resampled_over_plain_16k: {resampled / plain:.3f}")
+    for target in (0.7, 1.0, 0.35):
+        info = inspect_raster("bench", str(imagery), None, None, resolution=(target, 0.1))
+        tiles = plan_tiles(info.width, info.height, TILE, OVERLAP)
+        best_ours, best_bare = read_ratio(str(imagery), tiles, resample=info.resample)
+        print(f"read_tiles_per_s_resampled_{target}m: {best_ours:.1f} ({len(tiles)} tiles)")
+        print(f"rasterio_tiles_per_s_resampled_{target}m: {best_bare:.1f}")
+        print(f"read_over_rasterio_resampled_{target}m: {best_ours / best_bare:.3f}")
 
 
 def with_s3_server(cog: Path) -> tuple[str, object]:
@@ -202,13 +253,17 @@ def with_s3_server(cog: Path) -> tuple[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--measure-job", nargs=2, metavar=("SCENE", "OUTPUT"))
+    parser.add_argument("--case", choices=["all", "resampled"], default="all")
+    parser.add_argument("--measure-job", nargs=3, metavar=("SCENE", "OUTPUT", "RESOLUTION_M"))
     args = parser.parse_args()
     if args.measure_job:
         measure_job(*args.measure_job)
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="georetina-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.case == "resampled":
+        resampled_case(workdir)
+        return
     small = make_cog(workdir / "cog_4096.tif", 4096, noise=False)
     middle = make_cog(workdir / "cog_16384.tif", 16384, noise=False)
     large = make_cog(workdir / "cog_32768.tif", 32768, noise=False)
@@ -235,6 +290,7 @@ def main() -> None:
     print(f"read_tiles_per_s_s3: {s3_ours:.1f}")
     print(f"rasterio_tiles_per_s_s3: {s3_bare:.1f}")
     print(f"read_over_rasterio_s3: {s3_ours / s3_bare:.3f}")
+    resampled_case(workdir, runs["16k"])
 
 
 if __name__ == "__main__":

@@ -88,6 +88,21 @@ class ModelSettings(_Strict):
         200, ge=1, le=255, description="kind=threshold: pixel level that counts as object."
     )
     threshold_min_pixels: int = Field(16, ge=1, description="kind=threshold: smallest blob.")
+    resolution_m: float | None = Field(
+        None,
+        gt=0,
+        description="Ground sample distance the model was trained at, in metres per pixel "
+        "(`georetina train` records its data's in the checkpoint's .train.json). Scenes "
+        "finer or coarser than this are resampled on read to it, and their boxes mapped back "
+        "to the scene's own pixels; null: every scene is read at its own resolution.",
+    )
+    resolution_tolerance: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Scenes within this fraction of resolution_m (0.1 = ±10 %) are read as "
+        "they are, without resampling.",
+    )
 
     @model_validator(mode="after")
     def _one_anchor_size_per_level(self) -> ModelSettings:
@@ -110,6 +125,12 @@ class ModelSettings(_Strict):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def read_resolution(self) -> tuple[float, float] | None:
+        """``(resolution_m, resolution_tolerance)`` for the pre-flight; None: no resampling."""
+        if self.resolution_m is None:
+            return None
+        return self.resolution_m, self.resolution_tolerance
 
     def model_id(self, checkpoint_sha256: str | None = None) -> str:
         """``name:backbone:<12 hex of the checkpoint's sha256>`` (or ``...:untrained``)."""
@@ -393,8 +414,13 @@ class JobSpec(_Strict):
 
     def settings_hash(self) -> str:
         """Hash of every setting that changes results (not where they are written or how fast)."""
+        # Without resolution_m the resampling fields change nothing: left out, so jobs
+        # written before they existed keep their hash (and their ledger's done scenes).
+        unset = (
+            {"resolution_m", "resolution_tolerance"} if self.model.resolution_m is None else set()
+        )
         relevant = {
-            "model": self.model.model_dump(),
+            "model": self.model.model_dump(exclude=unset),
             "tiling": self.tiling.model_dump(exclude={"tiles_per_read_task", "read_timeout_s"}),
             "merge": self.merge.model_dump(),
             "crs": self.output.crs,

@@ -17,6 +17,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError
 
 from pipeline.errors import SceneError
+from pipeline.ops.grid import Resample, grid_transform, plan_resample
 from pipeline.ops.tiles import default_scale_range, percentile_range
 
 # Read COGs with few, large range requests.
@@ -128,7 +129,13 @@ def close_shared_rasters() -> None:
 
 @dataclass(frozen=True)
 class RasterInfo:
-    """What the pre-flight learns about a scene; everything later stages need from it."""
+    """What the pre-flight learns about a scene; everything later stages need from it.
+
+    ``width``, ``height`` and ``transform`` are the grid the scene is tiled in: its own, or,
+    when ``resample`` is set (``model.resolution_m``), the resampled read grid over the same
+    extent. Tile plans, reads and the merge all work in that grid; ``resample`` maps boxes
+    back to the scene's own pixels.
+    """
 
     width: int
     height: int
@@ -141,11 +148,18 @@ class RasterInfo:
     scale_range: tuple[float, float]
     acquired_at: datetime | None
     palette: tuple[int, ...] | None = None  # 256 x RGB, flattened, for palette images
+    resample: Resample | None = None  # None: read at the scene's own resolution
 
     def palette_table(self) -> np.ndarray | None:
         if self.palette is None:
             return None
         return np.asarray(self.palette, dtype=np.uint8).reshape(256, 3)
+
+    def scene_pixels(self, boxes: np.ndarray) -> np.ndarray:
+        """Boxes in the tiled grid's pixels → the scene's own pixels."""
+        if self.resample is None:
+            return boxes
+        return self.resample.to_scene_pixels(boxes)
 
 
 def _default_bands(color_bands: list[int]) -> tuple[int, ...]:
@@ -183,11 +197,14 @@ def inspect_raster(
     bands: list[int] | None,
     scale_range: tuple[float, float] | None,
     allow_pixel_coordinates: bool = False,
+    resolution: tuple[float, float] | None = None,
 ) -> RasterInfo:
     """Open a scene, check it can be processed, and read its last block.
 
     Reading the last block makes a truncated file fail here, in seconds, not hours later.
     A scene with no CRS or geotransform fails, unless ``allow_pixel_coordinates``.
+    ``resolution``: ``(metres per pixel, tolerance)`` to read the scene at
+    (``model.resolution_m``); a scene in pixel coordinates only is read as it is.
 
     Raises:
         SceneError: naming the scene and what is wrong with it.
@@ -210,7 +227,7 @@ def inspect_raster(
             interp = dataset.colorinterp
             alpha = [i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha]
             if interp[0] == ColorInterp.palette:
-                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset))
+                return _info(dataset, (1, 1, 1), (0.0, 255.0), _palette(dataset), resolution)
             color_bands = [b for b in range(1, dataset.count + 1) if b not in alpha]
             try:
                 chosen = tuple(bands) if bands else _default_bands(color_bands)
@@ -230,7 +247,7 @@ def inspect_raster(
             scale = scale_range or default_scale_range(dataset.dtypes[0])
             if scale is None:
                 scale = _sample_range(dataset, list(chosen))
-            return _info(dataset, chosen, scale, None)
+            return _info(dataset, chosen, scale, None, resolution)
     except SceneError:
         raise
     except (RasterioError, OSError) as error:
@@ -244,12 +261,15 @@ def inspect_raster_within(
     scale_range: tuple[float, float] | None,
     timeout_s: float,
     allow_pixel_coordinates: bool = False,
+    resolution: tuple[float, float] | None = None,
 ) -> RasterInfo:
     """:func:`inspect_raster`, failing the scene when it takes longer than ``timeout_s``."""
     from pipeline.io.deadline import call_with_deadline
 
     def inspect() -> RasterInfo:
-        return inspect_raster(scene_id, uri, bands, scale_range, allow_pixel_coordinates)
+        return inspect_raster(
+            scene_id, uri, bands, scale_range, allow_pixel_coordinates, resolution
+        )
 
     try:
         return call_with_deadline(inspect, timeout_s, "pre-flight")
@@ -266,22 +286,50 @@ def _info(
     bands: tuple[int, ...],
     scale: tuple[float, float],
     palette: tuple[int, ...] | None,
+    resolution: tuple[float, float] | None,
 ) -> RasterInfo:
     _read_last_block(dataset)
     georeferenced = _missing_georeference(dataset) is None
+    transform = tuple(dataset.transform)[:6]
+    resample = None
+    if resolution is not None and georeferenced:
+        size = ground_pixel_size(dataset.crs.to_wkt(), transform, dataset.width, dataset.height)
+        resample = plan_resample(dataset.width, dataset.height, size, *resolution)
     return RasterInfo(
-        width=dataset.width,
-        height=dataset.height,
+        width=resample.width if resample else dataset.width,
+        height=resample.height if resample else dataset.height,
         count=dataset.count,
         dtype=dataset.dtypes[0],
         crs_wkt=dataset.crs.to_wkt() if georeferenced else None,
         crs_name=dataset.crs.to_string() if georeferenced else None,
-        transform=tuple(dataset.transform)[:6],
+        transform=grid_transform(transform, resample) if resample else transform,
         bands=bands,
         scale_range=(float(scale[0]), float(scale[1])),
         acquired_at=_acquired_at(dataset.tags()),
         palette=palette,
+        resample=resample,
     )
+
+
+def ground_pixel_size(
+    crs_wkt: str, transform: tuple[float, ...], width: int, height: int
+) -> tuple[float, float]:
+    """Metres on the ground (geodesic, on the CRS's ellipsoid) that one pixel spans along a
+    row and down a column, at the scene's centre: right for lon/lat rasters, for projected
+    ones in feet, and for projections that stretch (Web Mercator away from the equator)."""
+    from affine import Affine
+    from pyproj import CRS, Transformer
+
+    crs = CRS.from_wkt(crs_wkt)
+    affine = Affine(*transform)
+    cx, cy = width / 2, height / 2
+    points = [affine @ (cx, cy), affine @ (cx + 1, cy), affine @ (cx, cy + 1)]
+    to_lonlat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+    lons, lats = to_lonlat.transform([p[0] for p in points], [p[1] for p in points])
+    geod = crs.get_geod()
+    _, _, along = geod.inv(lons[0], lats[0], lons[1], lats[1])
+    _, _, down = geod.inv(lons[0], lats[0], lons[2], lats[2])
+    return float(along), float(down)
 
 
 def _missing_georeference(dataset: rasterio.DatasetReader) -> str | None:

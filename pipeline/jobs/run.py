@@ -296,7 +296,12 @@ def build_dataset(
             plan_scene,
             batch_size=1,
             # Offsets on the model's coarsest feature grid: tiles see what the whole image would.
-            fn_kwargs={"tiling": spec.tiling, "board": board, "align": align},
+            fn_kwargs={
+                "tiling": spec.tiling,
+                "board": board,
+                "align": align,
+                "resolution": spec.model.read_resolution(),  # model.resolution_m: read grid
+            },
             num_cpus=PLAN_TASK_CPUS,
         )
         # One read task a chunk: a plan's chunks would otherwise share one block.

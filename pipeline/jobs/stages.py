@@ -21,6 +21,7 @@ from pipeline.errors import SceneError
 from pipeline.io.rasters import inspect_raster_within
 from pipeline.io.reads import read_tiles
 from pipeline.model.detector import TileDetections, detect_tiles, make_detector
+from pipeline.ops.grid import Resample
 from pipeline.ops.tiles import plan_offsets
 
 # A chunk or batch whose worker died this many times is not tried again: its scenes fail.
@@ -34,13 +35,18 @@ def first_line(error: BaseException, limit: int = 500) -> str:
 
 
 def plan_scene(
-    batch: dict[str, np.ndarray], tiling: TilingSettings, board: Any, align: int = 1
+    batch: dict[str, np.ndarray],
+    tiling: TilingSettings,
+    board: Any,
+    align: int = 1,
+    resolution: tuple[float, float] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data stage: pre-flight one scene, post its plan, yield its read chunks.
 
     The plan is two arrays of offsets (multiples of ``align``, the model's largest stride),
     cut into chunks of ``tiling.tiles_per_read_task``; a scene whose pre-flight fails is
-    posted as failed and yields nothing.
+    posted as failed and yields nothing. With ``resolution`` (``model.resolution_m`` and its
+    tolerance) the plan is in the scene's resampled read grid, which the chunks carry.
     """
     scene = {key: str(values[0]) for key, values in batch.items()}
     try:
@@ -51,6 +57,7 @@ def plan_scene(
             tiling.scale_range,
             tiling.read_timeout_s,
             tiling.allow_pixel_coordinates,
+            resolution,
         )
         cols, rows = plan_offsets(info.width, info.height, tiling.tile_size, tiling.overlap, align)
     except Exception as error:  # noqa: BLE001 - this scene fails, the others go on
@@ -69,6 +76,7 @@ def plan_scene(
             "bands": _one_row(np.asarray(info.bands, dtype=np.int32)),
             "scale": _one_row(np.asarray(info.scale_range, dtype=np.float64)),
             "palette": _one_row(np.asarray(info.palette or (), dtype=np.uint8)),
+            "resample": np.array([info.resample.to_text() if info.resample else ""], dtype=object),
         }
 
 
@@ -118,8 +126,9 @@ def read_chunk(
     ]
     bands = [int(b) for b in batch["bands"][0]]
     try:
+        resample = Resample.from_text(str(batch["resample"][0]))
         images, valid = read_tiles(
-            uri, windows, bands, (lo, hi), palette, tile_size, read_timeout_s
+            uri, windows, bands, (lo, hi), palette, tile_size, read_timeout_s, resample
         )
     except Exception as failure:  # noqa: BLE001 - any read failure fails this scene only
         what = "read timed out" if isinstance(failure, TimeoutError) else "read failed"

@@ -434,7 +434,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         unwrapped = model.module if hasattr(model, "module") else model
         digest = save_checkpoint(unwrapped, spec.output, spec.save_dtype)
-        write_training_record(spec, digest, epochs)
+        write_training_record(spec, digest, epochs, training_resolution(infos))
         print(f"train: wrote {spec.output} (sha256 {digest})", flush=True)
 
 
@@ -442,11 +442,35 @@ def training_record_uri(checkpoint: str) -> str:
     return checkpoint.removesuffix(".safetensors") + ".train.json"
 
 
-def write_training_record(spec: TrainSpec, digest: str, epochs: list[dict[str, float]]) -> None:
-    """Beside the checkpoint: its sha256, the settings that made it and the loss per epoch."""
+def training_resolution(infos: list[Any]) -> float | None:
+    """The training rasters' ground sample distance (m/px, the median over rasters): what a
+    job's ``model.resolution_m`` should say. None when none is georeferenced."""
+    from pipeline.io.rasters import ground_pixel_size
+
+    sizes = [
+        np.mean(ground_pixel_size(info.crs_wkt, info.transform, info.width, info.height))
+        for info in infos
+        if info.crs_wkt is not None
+    ]
+    return round(float(np.median(sizes)), 4) if sizes else None
+
+
+def write_training_record(
+    spec: TrainSpec,
+    digest: str,
+    epochs: list[dict[str, float]],
+    resolution_m: float | None = None,
+) -> None:
+    """Beside the checkpoint: its sha256, the settings that made it, the loss per epoch and
+    the training data's resolution (``resolution_m``, for the job's model settings)."""
     import fsspec
 
-    record = {"sha256": digest, "spec": spec.model_dump(mode="json"), "epochs": epochs}
+    record = {
+        "sha256": digest,
+        "spec": spec.model_dump(mode="json"),
+        "epochs": epochs,
+        "resolution_m": resolution_m,
+    }
     with fsspec.open(training_record_uri(spec.output), "w", auto_mkdir=True) as handle:
         handle.write(json.dumps(record, indent=2))
 

@@ -145,6 +145,7 @@ def preflight_scenes(spec: JobSpec, scenes: list[Scene], done: set[str]) -> list
                 tiling.scale_range,
                 tiling.read_timeout_s,
                 tiling.allow_pixel_coordinates,
+                spec.model.read_resolution(),
             )
         except Exception as error:  # noqa: BLE001 - reported per scene, as a run would
             return SceneCheck(scene.scene_id, scene.public_uri, problem=str(error))

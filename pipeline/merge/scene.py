@@ -167,6 +167,10 @@ class SceneStream:
         context = self.context
         names = [context.class_names[int(c)] for c in final.class_ids]
         self.per_class.update(names)
+        # Merged in the tiled grid; reported in the scene's own pixels (they differ when the
+        # scene was read resampled to model.resolution_m). The rings come from the grid's
+        # transform, which is the scene's scaled by the same factor: the same places.
+        scene_boxes = context.info.scene_pixels(final.boxes)
         return SceneRows(
             scene_id=context.scene_id,
             scene_uri=context.scene_uri,
@@ -178,13 +182,13 @@ class SceneStream:
                 context.scene_id,
                 context.model_id,
                 context.settings_hash,
-                final.boxes,
+                scene_boxes,
                 final.class_ids,
             ),
             class_ids=final.class_ids,
             class_names=names,
             scores=final.scores,
-            pixel_boxes=final.boxes,
+            pixel_boxes=scene_boxes,
             rings=rings_in_crs(final.boxes, context.info, context.output_crs),
             stac_item_id=context.stac_item_id,
         )
