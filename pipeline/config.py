@@ -35,6 +35,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# torchvision's detection transform normalises 0-1 inputs by ImageNet's statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Model fields added after jobs were first recorded: at their defaults they are left out of
+# settings_hash, so older jobs keep their hash (and their ledger's done scenes).
+_LATER_MODEL_FIELDS = ("resolution_m", "resolution_tolerance", "image_mean", "image_std")
+
+
 class ModelSettings(_Strict):
     """How to detect: the network, its classes and its inference knobs."""
 
@@ -102,6 +110,15 @@ class ModelSettings(_Strict):
         lt=1.0,
         description="Scenes within this fraction of resolution_m (0.1 = ±10 %) are read as "
         "they are, without resampling.",
+    )
+    image_mean: tuple[float, float, float] = Field(
+        IMAGENET_MEAN,
+        description="Per-channel mean subtracted from the 0-1 input (pixels / 255) before "
+        "the network; ImageNet's, as torchvision's detectors and DeepForest use.",
+    )
+    image_std: tuple[float, float, float] = Field(
+        IMAGENET_STD,
+        description="Per-channel standard deviation the centred 0-1 input is divided by.",
     )
 
     @model_validator(mode="after")
@@ -414,19 +431,24 @@ class JobSpec(_Strict):
 
     def settings_hash(self) -> str:
         """Hash of every setting that changes results (not where they are written or how fast)."""
-        # Without resolution_m the resampling fields change nothing: left out, so jobs
-        # written before they existed keep their hash (and their ledger's done scenes).
-        unset = (
-            {"resolution_m", "resolution_tolerance"} if self.model.resolution_m is None else set()
-        )
         relevant = {
-            "model": self.model.model_dump(exclude=unset),
+            "model": _hashed_model_settings(self.model),
             "tiling": self.tiling.model_dump(exclude={"tiles_per_read_task", "read_timeout_s"}),
             "merge": self.merge.model_dump(),
             "crs": self.output.crs,
         }
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hashed_model_settings(model: ModelSettings) -> dict[str, Any]:
+    """The model's settings as they enter settings_hash: the later fields only when set."""
+    dumped = model.model_dump()
+    for name in _LATER_MODEL_FIELDS:
+        unused = name == "resolution_tolerance" and model.resolution_m is None
+        if unused or dumped[name] == ModelSettings.model_fields[name].default:
+            del dumped[name]
+    return dumped
 
 
 # A tile in flight holds its 3 x H x W uint8 image and its mask (one bit a pixel): 4 bytes a

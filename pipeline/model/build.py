@@ -106,8 +106,8 @@ def build_model(settings: ModelSettings, tile_size: int) -> RetinaNet:
     model.transform = NoResizeTransform(
         tile_size,
         tile_size,
-        model.transform.image_mean,
-        model.transform.image_std,
+        list(settings.image_mean),  # of 0-1 inputs, as the model was trained with
+        list(settings.image_std),
         size_divisible=largest_stride(settings),
     )
     return model.eval()
@@ -134,7 +134,7 @@ def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
         try:
-            return load(blob)
+            return _unwrap_lightning(load(blob))
         except Exception as error:  # noqa: BLE001 - safetensors' own error for a bad file
             raise CheckpointError(f"checkpoint {uri}: not a safetensors file ({error})") from None
     try:
@@ -156,18 +156,40 @@ def parse_state_dict(blob: bytes, uri: str) -> dict[str, torch.Tensor]:
 
 def _unwrap_lightning(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LightningModule's checkpoint (DeepForest's, for one) keeps the torchvision RetinaNet
-    under ``model.``, beside metric buffers: keep the model's keys, without the prefix."""
+    under ``model.``, beside metric buffers: keep the model's keys, without the prefix.
+
+    DeepForest's weights on Hugging Face (``model.safetensors``) keep the prefix too."""
     prefix = "model."
     if not any(key.startswith("backbone.") for key in state) and any(
         key.startswith(prefix + "backbone.") for key in state
     ):
-        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    return state
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return _head_v2_names(state)
+
+
+def _head_v2_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Heads saved by torchvision before 0.12 (DeepForest's first NEON.pt) named their four
+    convolutions ``conv.0``, ``conv.2``, ... (ReLUs between); now ``conv.0.0``, ``conv.1.0``.
+    Renamed as torchvision's own ``_v1_to_v2_weights`` does when it loads such a file."""
+    renamed = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".conv.")
+        index, _, kind = rest.partition(".")
+        if rest and kind in ("weight", "bias") and index.isdigit() and ".head." in f".{head}":
+            key = f"{head}.conv.{int(index) // 2}.0.{kind}"
+        renamed[key] = value
+    return renamed
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], uri: str) -> None:
     """Load strictly; a mismatch names the keys and shapes that differ."""
     own = model.state_dict()
+    # A batch norm frozen in training (torchvision's and DeepForest's detectors from COCO
+    # weights) saves no step counter; eval never reads it.
+    state = {
+        **{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")},
+        **state,
+    }
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong_shape = [
