@@ -277,6 +277,11 @@ class OutputSettings(_Strict):
         "null: none.",
     )
 
+    @property
+    def vrt_folder(self) -> str:
+        """Where mosaic inputs' VRTs are written: beside the output, so every node reads them."""
+        return f"{self.path.rstrip('/')}/_vrt"
+
 
 def parse_datetime_interval(text: str) -> tuple[datetime | None, datetime | None]:
     """A STAC ``datetime`` filter: an RFC 3339 instant or ``start/end`` with ``..`` open ends.
@@ -377,6 +382,23 @@ class StacInput(_Strict):
     stac: StacSearch = Field(..., description="A STAC catalog or API search to take items from.")
 
 
+class MosaicInput(_Strict):
+    """Adjacent rasters in one CRS and resolution (a grid of orthophoto tiles), read as one
+    scene through a GDAL VRT built by the job: tiles span the files' boundaries."""
+
+    mosaic: str | list[str] = Field(
+        ...,
+        description="The member rasters: a path or fsspec glob, or a list of paths, URIs or "
+        "globs (local, s3://, gs://, http(s)://, az://: GDAL reads them through the VRT).",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The scene's name (its id is the name and a hash of the members' "
+        "patterns); default 'mosaic'.",
+    )
+
+
 def _input_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "path"
@@ -385,6 +407,10 @@ def _input_kind(value: Any) -> str | None:
             return "list"
         if "stac" in value:
             return "stac"
+        if "mosaic" in value:
+            return "mosaic"
+    if isinstance(value, MosaicInput):
+        return "mosaic"
     if isinstance(value, ListInput):
         return "list"
     if isinstance(value, StacInput):
@@ -395,11 +421,13 @@ def _input_kind(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[str, Tag("path")]
     | Annotated[ListInput, Tag("list")]
-    | Annotated[StacInput, Tag("stac")],
+    | Annotated[StacInput, Tag("stac")]
+    | Annotated[MosaicInput, Tag("mosaic")],
     Discriminator(
         _input_kind,
         custom_error_type="input_kind",
-        custom_error_message="an input is a path or glob, {list: FILE} or {stac: {...}}",
+        custom_error_message="an input is a path or glob, {list: FILE} or {stac: {...}}, or "
+        "{mosaic: GLOB_OR_LIST}",
     ),
 ]
 
@@ -413,8 +441,9 @@ class JobSpec(_Strict):
     inputs: list[InputItem] = Field(
         ...,
         min_length=1,
-        description="Paths or fsspec globs, list files ({list: uris.txt}) and STAC sources "
-        "({stac: {catalog | api, asset, collections, bbox, datetime | lookback_days}}).",
+        description="Paths or fsspec globs, list files ({list: uris.txt}), STAC sources "
+        "({stac: {catalog | api, asset, collections, bbox, datetime | lookback_days}}) and "
+        "mosaics of adjacent rasters read as one scene ({mosaic: GLOB_OR_LIST, name: ...}).",
     )
     model: ModelSettings = ModelSettings()
     tiling: TilingSettings = TilingSettings()
@@ -563,6 +592,11 @@ def _resolve_input(item: Any, base: Path) -> Any:
     if isinstance(item, dict) and isinstance(item.get("list"), str):
         if _is_local_relative(item["list"]):
             return {**item, "list": _join(base, item["list"])}
+    if isinstance(item, dict) and isinstance(item.get("mosaic"), (str, list)):
+        members = item["mosaic"]
+        if isinstance(members, str):
+            return {**item, "mosaic": _resolve_input(members, base)}
+        return {**item, "mosaic": [_resolve_input(m, base) for m in members]}
     if isinstance(item, dict) and isinstance(item.get("stac"), dict):
         stac = item["stac"]
         if isinstance(stac.get("catalog"), str) and _is_local_relative(stac["catalog"]):

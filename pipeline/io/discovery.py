@@ -1,4 +1,4 @@
-"""Discovery: paths, fsspec globs, list files and STAC sources expanded into scenes."""
+"""Discovery: paths, fsspec globs, list files, STAC sources and mosaics expanded into scenes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fsspec
 
-from pipeline.config import InputItem, ListInput, StacInput
+from pipeline.config import InputItem, ListInput, MosaicInput, StacInput
 from pipeline.errors import InputsUnreachableError
 from pipeline.io.scenes import (
     IDENTITY_TIMEOUT_S,
@@ -20,6 +20,7 @@ from pipeline.io.scenes import (
     identity_of,
     scene_id_for,
 )
+from pipeline.redact import redact_uri
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Listed files are statted this many at a time: on object storage each stat is a request
@@ -38,7 +39,9 @@ def _unstrip(fs: fsspec.AbstractFileSystem, protocol: str, path: str) -> str:
 
 
 def discover_scenes(
-    inputs: Sequence[InputItem], timeout_s: float = IDENTITY_TIMEOUT_S
+    inputs: Sequence[InputItem],
+    timeout_s: float = IDENTITY_TIMEOUT_S,
+    vrt_folder: str | None = None,
 ) -> list[Scene]:
     """Expand paths, globs, list files and STAC sources into scenes, in input order, once each.
 
@@ -47,6 +50,8 @@ def discover_scenes(
     source that cannot be read fails the whole discovery with an error naming it. An
     http(s) URL is never a glob (its ``?`` starts a query: a presigned URL's signature), and
     a file whose size and stamp do not come within ``timeout_s`` gets an unknown identity.
+    A mosaic is one scene: its VRT is written to ``vrt_folder`` (where every node's read
+    tasks can open it: the job's output, ``OUTPUT/_vrt``; default a local temporary folder).
     """
     scenes: dict[str, Scene] = {}
     for item in inputs:
@@ -56,6 +61,8 @@ def discover_scenes(
             from pipeline.io.stac import stac_scenes  # pystac: only for jobs that use STAC
 
             found = stac_scenes(item.stac)
+        elif isinstance(item, MosaicInput):
+            found = [mosaic_scene(item, timeout_s, vrt_folder)]
         else:
             found = _expand_patterns([item], timeout_s)
         for scene in found:
@@ -101,6 +108,40 @@ def _glob_scenes(pattern: str) -> Iterator[Scene]:
     for match in sorted(matches):
         uri = _unstrip(fs, protocol, match)
         yield Scene(scene_id_for(uri), uri, identity_from_info(uri, matches[match]))
+
+
+def mosaic_scene(item: MosaicInput, timeout_s: float, vrt_folder: str | None) -> Scene:
+    """One scene of the mosaic's members, its VRT written to ``vrt_folder``.
+
+    The id comes from the name and the members' patterns, so it stays when a member is
+    added or replaced; the identity comes from every member's, so the scene is then redone.
+    Members that cannot be one scene (another CRS or resolution, off the grid) make a scene
+    known bad, whose error names the odd file: it fails alone.
+    """
+    import hashlib
+
+    from pipeline.io.mosaic import MosaicError, build_mosaic
+
+    patterns = [item.mosaic] if isinstance(item.mosaic, str) else list(item.mosaic)
+    key = "mosaic:" + "|".join(patterns)
+    scene_id = scene_id_for(key, item.name or "mosaic")
+    members = list(_expand_patterns(patterns, timeout_s))
+    digest = hashlib.sha256("\n".join(m.identity for m in members).encode()).hexdigest()[:16]
+    identity = f"{redact_uri(key)}|{len(members)} members|{digest}"
+    try:
+        xml = build_mosaic([m.uri for m in members])
+    except MosaicError as error:
+        return Scene(scene_id, key, identity, problem=f"mosaic: {error}")
+    uri = f"{(vrt_folder or _local_vrt_folder()).rstrip('/')}/{scene_id}-{digest}.vrt"
+    with fsspec.open(uri, "w", auto_mkdir=True) as handle:
+        handle.write(xml)
+    return Scene(scene_id, uri, identity)
+
+
+def _local_vrt_folder() -> str:
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "georetina-vrt")
 
 
 def parse_uri_list(text: str, base: str) -> list[str]:

@@ -131,7 +131,8 @@ def scenes_to_run(spec: JobSpec, model_id: str, report: RunReport, force: bool) 
     settings_hash = spec.settings_hash()
     done = set() if force else Ledger(spec.output.path).done_keys()
     rows = []
-    for scene in discover_scenes(spec.inputs, timeout_s=spec.tiling.read_timeout_s):
+    vrt_folder = spec.output.vrt_folder  # mosaic inputs' VRTs, readable from every node
+    for scene in discover_scenes(spec.inputs, spec.tiling.read_timeout_s, vrt_folder):
         if (scene.identity, model_id, settings_hash) in done:
             report.log.add(SceneOutcome(scene.scene_id, scene.public_uri, "skipped"))
         else:

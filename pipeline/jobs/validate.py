@@ -110,7 +110,7 @@ def validate_job(
         precision=spec.detect.precision,
     )  # loads the checkpoint: a missing or mismatched one fails here
     on_line(f"model {detector.model_id}: loaded")
-    scenes = discover_scenes(spec.inputs, timeout_s=spec.tiling.read_timeout_s)
+    scenes = discover_scenes(spec.inputs, spec.tiling.read_timeout_s, spec.output.vrt_folder)
     on_line(f"inputs: {len(scenes)} scene(s); pre-flight of each")
     done = Ledger(spec.output.path, compact_at=None).done_keys()
     settings_hash = spec.settings_hash()
