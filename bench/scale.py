@@ -223,6 +223,8 @@ def part_driver(work: Path, quick: bool) -> dict[str, float]:
     warm = work / "warm.tif"
     write_raster(warm, squares(256, 150, 8))
     run_job(job([str(warm)], work / "out-warm"), force=True, progress=lambda line: None)
+    idle_share = driver_idle_share(work, warm)
+    figures["driver_cpu_share_waiting"] = round(idle_share, 4)
     for density, pitch, side in (("sparse", 150, 8), ("dense", 5, 3)):
         source = work / f"{density}.tif"
         write_raster(source, squares(size, pitch, side))
@@ -248,6 +250,13 @@ def part_driver(work: Path, quick: bool) -> dict[str, float]:
         figures[f"driver_ray_data_executor_cpu_share_{density}"] = round(
             executor_s / report.wall_s, 3
         )
+        # What a tile adds beyond the CPU a waiting driver spends anyway (Ray Data's
+        # scheduling loop polls ~10 times a second whatever flows): the part that grows
+        # with a cluster's tile rate, where the fixed part does not.
+        marginal_s = cpu_s - idle_share * (report.wall_s - report.ray_start_s)
+        figures[f"driver_cpu_us_per_tile_marginal_{density}"] = round(
+            max(0.0, marginal_s) / report.tiles * 1e6, 1
+        )
         figures[f"object_store_bytes_per_tile_over_pixels_{density}"] = object_store_ratio(
             job(uris[:1], work / f"out-bytes-{density}")
         )
@@ -256,6 +265,21 @@ def part_driver(work: Path, quick: bool) -> dict[str, float]:
         "object_store_bytes_per_tile_over_pixels_sparse"
     )
     return figures
+
+
+def driver_idle_share(work: Path, raster: Path) -> float:
+    """The driver's CPU share while its run only waits: one small scene's tiles (25) in
+    batches of one to a simulated GPU that takes 1 s each (a run of ~25 s, a tile a second)."""
+    spec = job([str(raster)], work / "out-idle", batch_size=1)
+    cpu_before = time.process_time()
+    report = run_job_quietly(spec, simulated_gpu(1.0, None))
+    return (time.process_time() - cpu_before) / report.wall_s
+
+
+def run_job_quietly(spec: object, detector: type) -> object:
+    from pipeline.jobs.run import run_job
+
+    return run_job(spec, force=True, progress=lambda line: None, detector_actor=detector)
 
 
 def object_store_ratio(spec: object) -> float:
