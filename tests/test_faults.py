@@ -39,6 +39,7 @@ from pipeline.config import parse_job
 from pipeline.io.ledger import Ledger
 from pipeline.io.synthetic import plan_objects, write_scene
 from pipeline.jobs.run import run_job
+from pipeline.jobs.stages import tile_alignment
 from pipeline.ops.tiles import plan_tiles
 
 pytestmark = pytest.mark.ray
@@ -159,7 +160,9 @@ def test_a_killed_detector_actor_is_restarted_and_its_batches_run_again(
     ray_session, archive, clean_retinanet, tmp_path
 ):
     folder, _ = archive
-    total = RETINANET_SCENES * len(plan_tiles(SIZE, SIZE, TILE, OVERLAP))
+    spec = parse_job(retinanet_job(folder, tmp_path / "out"))
+    # As the run plans: offsets on the RetinaNet's coarsest feature grid.
+    total = RETINANET_SCENES * len(plan_tiles(SIZE, SIZE, TILE, OVERLAP, tile_alignment(spec)))
     killed: list[tuple[list[int], int]] = []  # (pids, tiles the driver had seen)
 
     def kill_once(line: str) -> None:
@@ -171,7 +174,6 @@ def test_a_killed_detector_actor_is_restarted_and_its_batches_run_again(
             os.kill(pid, signal.SIGKILL)
         killed.append((pids, seen))
 
-    spec = parse_job(retinanet_job(folder, tmp_path / "out"))
     report = run_job(spec, progress=kill_once, progress_every_s=0)
     assert len(killed) == 1
     pids, seen_at_kill = killed[0]

@@ -35,10 +35,16 @@ from pipeline.jobs.ray_session import (
     ensure_ray,
 )
 from pipeline.jobs.report import RunProgress
-from pipeline.jobs.stages import DetectorActor, first_line, plan_scene, read_chunk
+from pipeline.jobs.stages import (
+    DetectorActor,
+    first_line,
+    plan_scene,
+    read_chunk,
+    tile_alignment,
+)
 from pipeline.jobs.tracking import RunReport, SceneTracker
 from pipeline.ops.boxes import MergeOptions, core_margin
-from pipeline.ops.tiles import aligned_step, plan_alignment
+from pipeline.ops.tiles import aligned_step
 from pipeline.redact import redact_text
 
 __all__ = ["DetectorActor", "RunReport", "SceneOutcome", "run_job"]
@@ -184,12 +190,9 @@ class Flow:
 
     def _common(self) -> dict[str, Any]:
         """The fields every scene's merge context shares."""
-        from pipeline.model.build import largest_stride  # torch: imported by the driver only
-
         spec = self.spec
         tile, overlap = spec.tiling.tile_size, spec.tiling.overlap
-        align = plan_alignment(largest_stride(spec.model), tile, overlap)
-        planned_overlap = tile - aligned_step(tile, overlap, align)
+        planned_overlap = tile - aligned_step(tile, overlap, tile_alignment(spec))
         return {
             "tile_size": tile,
             "core_margin": core_margin(planned_overlap),
@@ -265,10 +268,6 @@ def build_dataset(
     ray_progress_bars: bool = False,
 ) -> ray.data.Dataset:
     """scenes → plan (one row a chunk) → read → detect, streamed, memory bounded by budget."""
-    from pipeline.model.build import largest_stride  # torch: imported by the driver only
-
-    tiling = spec.tiling
-    align = plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = ray_progress_bars  # georetina -v
     context.print_on_execution_start = ray_progress_bars
@@ -300,7 +299,7 @@ def build_dataset(
             fn_kwargs={
                 "tiling": spec.tiling,
                 "board": board,
-                "align": align,
+                "align": tile_alignment(spec),
                 "resolution": spec.model.read_resolution(),  # model.resolution_m: read grid
             },
             num_cpus=PLAN_TASK_CPUS,

@@ -22,7 +22,7 @@ from pipeline.io.rasters import inspect_raster_within
 from pipeline.io.reads import read_tiles
 from pipeline.model.detector import TileDetections, detect_tiles, make_detector
 from pipeline.ops.grid import Resample
-from pipeline.ops.tiles import plan_offsets
+from pipeline.ops.tiles import plan_alignment, plan_offsets
 
 # A chunk or batch whose worker died this many times is not tried again: its scenes fail.
 MAX_ATTEMPTS = 4
@@ -32,6 +32,15 @@ def first_line(error: BaseException, limit: int = 500) -> str:
     """The message of a (Ray-wrapped) error without its traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def tile_alignment(spec: JobSpec) -> int:
+    """What the job's tile offsets are multiples of: the model's coarsest feature grid, so
+    tiles see what the whole image would (:func:`pipeline.ops.tiles.plan_alignment`)."""
+    from pipeline.model.build import largest_stride  # torch: only where a plan is made
+
+    tiling = spec.tiling
+    return plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
 
 
 def plan_scene(

@@ -22,8 +22,9 @@ from pipeline.io.rasters import inspect_raster_within
 from pipeline.io.scenes import Scene
 from pipeline.io.writable import check_output_writable
 from pipeline.jobs.report import format_duration
+from pipeline.jobs.stages import tile_alignment
 from pipeline.model.detector import Detector
-from pipeline.ops.tiles import plan_alignment, plan_tiles
+from pipeline.ops.tiles import plan_tiles
 
 # Scenes pre-flighted at once: each is a few small reads, mostly waiting on storage.
 PREFLIGHT_THREADS = 8
@@ -126,11 +127,8 @@ def validate_job(
 
 def preflight_scenes(spec: JobSpec, scenes: list[Scene], done: set[str]) -> list[SceneCheck]:
     """Each scene's pre-flight (size, bands, CRS, last block) and its tile count."""
-    from pipeline.model.build import largest_stride  # torch: only when validating
-
     tiling = spec.tiling
-    # As the run plans: offsets on the model's coarsest feature grid.
-    align = plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
+    align = tile_alignment(spec)  # as the run plans
 
     def check(scene: Scene) -> SceneCheck:
         if scene.identity in done:
