@@ -37,8 +37,7 @@ from pipeline.config import ModelSettings
 from pipeline.io.rasters import inspect_raster
 from pipeline.io.reads import read_tiles
 from pipeline.jobs.demo import load_demo_job
-from pipeline.merge.bands import BandMerger
-from pipeline.merge.scene import SceneContext, gather_candidates
+from pipeline.merge.scene import SceneContext, merge_in_memory
 from pipeline.model.build import largest_stride
 from pipeline.model.detector import RetinaNetDetector, detect_tiles
 from pipeline.ops.boxes import CUT_COVERED_FRACTION, Candidates, MergeOptions, core_margin
@@ -98,15 +97,7 @@ def detect_crop(
         row_group_size=10_000,
         core_margin=0.0 if as_before else core_margin(tile - aligned_step(tile, overlap, align)),
     )
-    merger, kept = BandMerger(context.merge), []
-    tops = sorted(set(rows.tolist()))
-    for position, top in enumerate(tops):
-        band = np.flatnonzero(rows == top)
-        offsets = [(int(cols[i]), int(rows[i])) for i in band]
-        candidates = Candidates(*gather_candidates(context, offsets, [found[i] for i in band]))
-        below = tops[position + 1] if position + 1 < len(tops) else None
-        kept.append(merger.add(candidates, below))
-    return Candidates.concat(kept)
+    return merge_in_memory(context, cols, rows, found)
 
 
 class _BlackPadding:

@@ -17,8 +17,7 @@ from rasterio.windows import Window
 
 from pipeline.io.rasters import inspect_raster
 from pipeline.io.reads import read_tiles
-from pipeline.merge.bands import BandMerger
-from pipeline.merge.scene import SceneContext, gather_candidates
+from pipeline.merge.scene import SceneContext, merge_in_memory
 from pipeline.model.detector import TileDetections
 from pipeline.ops.boxes import Candidates, MergeOptions, core_margin
 from pipeline.ops.tiles import aligned_step, plan_offsets, plan_tiles
@@ -103,16 +102,7 @@ def merged(
         output_crs="OGC:CRS84", output_uri="", row_group_size=10_000,
         core_margin=core_margin(tile - aligned_step(tile, overlap, DEMO_STRIDE)),
     )  # fmt: skip
-    merger, kept = BandMerger(context.merge), []
-    tops = sorted(set(rows.tolist()))
-    for position, top in enumerate(tops):
-        band = np.flatnonzero(rows == top)
-        offsets = [(int(cols[i]), int(rows[i])) for i in band]
-        candidates = Candidates(*gather_candidates(context, offsets, [found[i] for i in band]))
-        kept.append(
-            merger.add(candidates, tops[position + 1] if position + 1 < len(tops) else None)
-        )
-    return Candidates.concat(kept)
+    return merge_in_memory(context, cols, rows, found)
 
 
 @pytest.mark.parametrize(

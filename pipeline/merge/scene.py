@@ -119,6 +119,22 @@ def rings_in_crs(pixel_boxes: np.ndarray, info: RasterInfo, output_crs: str) -> 
     return rings
 
 
+def merge_in_memory(
+    context: SceneContext, cols: np.ndarray, rows: np.ndarray, found: list[TileDetections]
+) -> Candidates:
+    """A scene's merge without its file: the candidates :class:`SceneStream` would write,
+    band by band in the same order (benchmarks and tests compare them to other outputs)."""
+    merger, kept = BandMerger(context.merge), []
+    tops = sorted(set(rows.tolist()))
+    for position, top in enumerate(tops):
+        band = np.flatnonzero(rows == top)
+        offsets = [(int(cols[i]), int(rows[i])) for i in band]
+        candidates = Candidates(*gather_candidates(context, offsets, [found[i] for i in band]))
+        below = tops[position + 1] if position + 1 < len(tops) else None
+        kept.append(merger.add(candidates, below))
+    return Candidates.concat(kept)
+
+
 class SceneStream:
     """Merges and writes one scene band by band (tile rows, top to bottom).
 
