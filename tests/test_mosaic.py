@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import yaml
+from pyproj import CRS
 from rasterio.windows import Window
 
 from pipeline.config import MosaicInput, load_job, parse_job
 from pipeline.io.discovery import discover_scenes
+from pipeline.io.mosaic import Member, MosaicError, check_one_grid, mosaic_vrt
 from pipeline.io.rasters import inspect_raster, open_raster
 from pipeline.io.reads import read_tile
 from pipeline.io.synthetic import match_planted, plan_objects, write_scene
@@ -208,3 +210,25 @@ def test_a_scene_cut_into_nine_files_gives_the_uncut_scenes_detections(ray_sessi
     np.testing.assert_allclose(mosaic[:, 4], whole[:, 4], atol=1e-5)
     found_across, _ = match_planted(across, mosaic[:, :4])
     assert found_across >= 0.9 * len(across), (found_across, len(across))
+
+
+def _member(name: str, col: int, nodata: float | None) -> Member:
+    """A 100 x 100 member at ``col`` pixels east on one 1 m grid (no file needed)."""
+    return Member(
+        name, 100, 100, 3, "float32", CRS.from_epsg(32633).to_wkt(),
+        (1.0, 0.0, col, 0.0, -1.0, 0.0), (100, 100), nodata,
+        ("Red", "Green", "Blue"),
+    )  # fmt: skip
+
+
+def test_members_whose_nodata_is_nan_are_one_grid():
+    check_one_grid([_member("a.tif", 0, float("nan")), _member("b.tif", 100, float("nan"))])
+    with pytest.raises(MosaicError, match=r"b.tif: its nodata is 0, a.tif's nan"):
+        check_one_grid([_member("a.tif", 0, float("nan")), _member("b.tif", 100, 0.0)])
+
+
+def test_overlapping_members_without_nodata_get_an_alpha_band_for_their_gaps():
+    # Three 100 px members over 300 px: as many pixels as the area, a 50 px gap all the same.
+    members = [_member("a.tif", 0, None), _member("b.tif", 50, None), _member("c.tif", 200, None)]
+    assert "<ColorInterp>Alpha</ColorInterp>" in mosaic_vrt(members)
+    assert "<ColorInterp>Alpha</ColorInterp>" not in mosaic_vrt(members[:1])

@@ -13,6 +13,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from pipeline.config import load_job
+from pipeline.errors import SceneError
 from pipeline.io.rasters import ground_pixel_size, inspect_raster, open_raster
 from pipeline.io.reads import read_tile
 from pipeline.io.synthetic import Planted, match_planted, plan_objects, write_scene
@@ -235,3 +236,18 @@ def test_the_settings_hash_of_jobs_without_resolution_m_is_unchanged():
     assert spec.settings_hash() == "a90989c2a9dda847"
     with_it = spec.model_copy(update={"model": spec.model.model_copy(update={"resolution_m": 0.5})})
     assert with_it.settings_hash() != spec.settings_hash()
+
+
+def test_a_crs_without_an_ellipsoid_fails_its_scene_by_name_when_resolution_m_is_set(tmp_path):
+    local = (
+        'LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
+    )
+    path = tmp_path / "site.tif"
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+    with rasterio.open(
+        path, "w", **profile, crs=local, transform=Affine(0.25, 0, 0, 0, -0.25, 16)
+    ) as dataset:
+        dataset.write(np.zeros((3, 64, 64), np.uint8))
+    assert inspect_raster("site", str(path), None, None).width == 64  # read as it is
+    with pytest.raises(SceneError, match=r"scene site: .*cannot be measured in its CRS"):
+        inspect_raster("site", str(path), None, None, resolution=(0.5, 0.1))

@@ -123,11 +123,14 @@ def mosaic_scene(item: MosaicInput, timeout_s: float, vrt_folder: str | None) ->
     from pipeline.io.mosaic import MosaicError, build_mosaic
 
     patterns = [item.mosaic] if isinstance(item.mosaic, str) else list(item.mosaic)
-    key = "mosaic:" + "|".join(patterns)
+    # Each pattern redacted on its own: a presigned member keeps the scene's id, and no
+    # credential reaches ids, the ledger or reports ('mosaic:' + all is not one URI).
+    key = "mosaic:" + "|".join(redact_uri(pattern) for pattern in patterns)
     scene_id = scene_id_for(key, item.name or "mosaic")
-    members = list(_expand_patterns(patterns, timeout_s))
+    # Once each: a file matched by two patterns is one member.
+    members = list({m.uri: m for m in _expand_patterns(patterns, timeout_s)}.values())
     digest = hashlib.sha256("\n".join(m.identity for m in members).encode()).hexdigest()[:16]
-    identity = f"{redact_uri(key)}|{len(members)} members|{digest}"
+    identity = f"{key}|{len(members)} members|{digest}"
     try:
         xml = build_mosaic([m.uri for m in members])
     except MosaicError as error:

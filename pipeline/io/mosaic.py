@@ -134,12 +134,24 @@ def check_one_grid(members: list[Member]) -> None:
                 f"{member.uri}: has {member.count} band(s) of {member.dtype}, the mosaic's "
                 f"({first.uri}) {first.count} of {first.dtype}"
             )
-    nodata = {m.nodata for m in members} - {None}
-    if len(nodata) > 1:
-        odd = next(m for m in members if m.nodata is not None and m.nodata != min(nodata))
-        raise MosaicError(
-            f"{odd.uri}: its nodata is {odd.nodata:g}, another member's {min(nodata):g}"
-        )
+    by_nodata: dict[object, Member] = {}
+    for member in members:
+        if member.nodata is not None:
+            # NaN is one nodata value however many members have it (NaN != NaN).
+            by_nodata.setdefault("nan" if math.isnan(member.nodata) else member.nodata, member)
+    if len(by_nodata) > 1:
+        seen, odd = list(by_nodata.values())[:2]
+        raise MosaicError(f"{odd.uri}: its nodata is {odd.nodata:g}, {seen.uri}'s {seen.nodata:g}")
+
+
+def _any_overlap(places: list[tuple[int, int]], members: list[Member]) -> bool:
+    """Whether any two members' pixel rectangles (at ``places``) share a pixel."""
+    boxes = [(c, r, c + m.width, r + m.height) for (c, r), m in zip(places, members, strict=True)]
+    return any(
+        a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+    )
 
 
 def _close(x: float, y: float) -> bool:
@@ -161,9 +173,10 @@ def mosaic_vrt(members: list[Member]) -> str:
     places = [(col - left, row - top) for col, row in places]
     width = max(col + m.width for (col, _), m in zip(places, members, strict=True))
     height = max(row + m.height for (_, row), m in zip(places, members, strict=True))
-    covered = sum(m.width * m.height for m in members)  # members on one grid do not overlap
+    covered = sum(m.width * m.height for m in members)
     nodata = next((m.nodata for m in members if m.nodata is not None), None)
-    alpha = nodata is None and covered < width * height
+    # Overlapping members (buffered tiles) can cover the area's size and still leave gaps.
+    alpha = nodata is None and (covered < width * height or _any_overlap(places, members))
     origin = (c0 + left * a, f0 + top * e)
     gdal_type = _GDAL_TYPES.get(first.dtype)
     if gdal_type is None:

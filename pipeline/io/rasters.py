@@ -6,6 +6,7 @@ GDAL settings that matter for COGs on object storage live here, in one place.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -250,6 +251,8 @@ def inspect_raster(
             return _info(dataset, chosen, scale, None, resolution)
     except SceneError:
         raise
+    except GroundSizeError as error:
+        raise SceneError(scene_id, str(error)) from None
     except (RasterioError, OSError) as error:
         raise SceneError(scene_id, f"cannot be read as a raster ({uri}): {error}") from None
 
@@ -321,6 +324,12 @@ def ground_pixel_size(
     from pyproj import CRS, Transformer
 
     crs = CRS.from_wkt(crs_wkt)
+    unmeasurable = GroundSizeError(
+        f"model.resolution_m is set, but a pixel's size on the ground cannot be measured in "
+        f"its CRS ({crs.name}): leave resolution_m out for such scenes"
+    )
+    if crs.geodetic_crs is None:  # an engineering or local CRS: no ellipsoid to measure on
+        raise unmeasurable
     affine = Affine(*transform)
     cx, cy = width / 2, height / 2
     points = [affine @ (cx, cy), affine @ (cx + 1, cy), affine @ (cx, cy + 1)]
@@ -329,7 +338,13 @@ def ground_pixel_size(
     geod = crs.get_geod()
     _, _, along = geod.inv(lons[0], lats[0], lons[1], lats[1])
     _, _, down = geod.inv(lons[0], lats[0], lons[2], lats[2])
+    if not (math.isfinite(along) and math.isfinite(down) and along > 0 and down > 0):
+        raise unmeasurable  # the centre lies outside the projection's domain
     return float(along), float(down)
+
+
+class GroundSizeError(ValueError):
+    """A pixel's ground size cannot be measured (no ellipsoid, or outside the projection)."""
 
 
 def _missing_georeference(dataset: rasterio.DatasetReader) -> str | None:

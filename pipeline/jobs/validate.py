@@ -3,7 +3,8 @@
 The job file, its inputs (every scene they list), the model and its checkpoint, the output's
 writability, then each scene's pre-flight (the same one a run makes) for the tiles the job
 would read, and an estimate of the run time from the model's speed measured here. No Ray is
-started and nothing is written but the output's write probe.
+started; nothing is written but the output's write probe and the VRTs of mosaic inputs
+(``OUTPUT/_vrt``, as a run writes them).
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def merge_in_memory(
     context: SceneContext, cols: np.ndarray, rows: np.ndarray, found: list[TileDetections]
 ) -> Candidates:
     """A scene's merge without its file: the candidates :class:`SceneStream` would write,
-    band by band in the same order (benchmarks and tests compare them to other outputs)."""
+    band by band in the same order, their boxes in the planned grid's pixels (the scene's
+    own unless ``model.resolution_m`` resampled it). Benchmarks and tests compare them."""
     merger, kept = BandMerger(context.merge), []
     tops = sorted(set(rows.tolist()))
     for position, top in enumerate(tops):
