@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import TINY_MODEL  # the same tiny network as the training tests
 
 from pipeline.cli.main import main
 from pipeline.errors import CheckpointError
 from pipeline.io.synthetic import write_training_set
 
 GEORETINA = Path(sys.executable).parent / "georetina"
-
-TINY_MODEL = {
-    "backbone": "resnet18_fpn",
-    "fpn_stages": [2, 3],
-    "fpn_channels": 32,
-    "anchor_sizes": [16, 32, 64, 128],
-    "classes": ["object"],
-}
 
 EPOCH = re.compile(
     r"^epoch (\d+)/2: loss \d+\.\d{4} \(classification \d+\.\d{4}, box \d+\.\d{4}\), "
