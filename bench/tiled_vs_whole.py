@@ -41,7 +41,7 @@ from pipeline.merge.scene import SceneContext, merge_in_memory
 from pipeline.model.build import largest_stride
 from pipeline.model.detector import RetinaNetDetector, detect_tiles
 from pipeline.ops.boxes import CUT_COVERED_FRACTION, Candidates, MergeOptions, core_margin
-from pipeline.ops.tiles import aligned_step, plan_alignment, plan_offsets
+from pipeline.ops.tiles import plan_alignment, plan_offsets, planned_overlap
 
 ROOT = Path(__file__).resolve().parents[1]
 CROPS = [ROOT / "tests/data/neon/OSBS_029.tif", ROOT / "tests/data/neon/SOAP_061.png"]
@@ -95,7 +95,7 @@ def detect_crop(
         output_crs="OGC:CRS84",
         output_uri="",
         row_group_size=10_000,
-        core_margin=0.0 if as_before else core_margin(tile - aligned_step(tile, overlap, align)),
+        core_margin=0.0 if as_before else core_margin(planned_overlap(tile, overlap, align)),
     )
     return merge_in_memory(context, cols, rows, found)
 

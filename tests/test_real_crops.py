@@ -20,7 +20,7 @@ from pipeline.io.reads import read_tiles
 from pipeline.merge.scene import SceneContext, merge_in_memory
 from pipeline.model.detector import TileDetections
 from pipeline.ops.boxes import Candidates, MergeOptions, core_margin
-from pipeline.ops.tiles import aligned_step, plan_offsets, plan_tiles
+from pipeline.ops.tiles import plan_offsets, plan_tiles, planned_overlap
 
 DATA = Path(__file__).parent / "data" / "neon"
 OSBS, SOAP = DATA / "OSBS_029.tif", DATA / "SOAP_061.png"
@@ -100,7 +100,7 @@ def merged(
         scene_id=path.stem, scene_uri=str(path), info=info, tile_size=tile, edge_tolerance=2.0,
         merge=MergeOptions(), class_names=("Tree",), model_id="", settings_hash="", run_id="",
         output_crs="OGC:CRS84", output_uri="", row_group_size=10_000,
-        core_margin=core_margin(tile - aligned_step(tile, overlap, DEMO_STRIDE)),
+        core_margin=core_margin(planned_overlap(tile, overlap, DEMO_STRIDE)),
     )  # fmt: skip
     return merge_in_memory(context, cols, rows, found)
 

@@ -44,7 +44,7 @@ from pipeline.jobs.stages import (
 )
 from pipeline.jobs.tracking import RunReport, SceneTracker
 from pipeline.ops.boxes import MergeOptions, core_margin
-from pipeline.ops.tiles import aligned_step
+from pipeline.ops.tiles import planned_overlap
 from pipeline.redact import redact_text
 
 __all__ = ["DetectorActor", "RunReport", "SceneOutcome", "run_job"]
@@ -192,10 +192,9 @@ class Flow:
         """The fields every scene's merge context shares."""
         spec = self.spec
         tile, overlap = spec.tiling.tile_size, spec.tiling.overlap
-        planned_overlap = tile - aligned_step(tile, overlap, tile_alignment(spec))
         return {
             "tile_size": tile,
-            "core_margin": core_margin(planned_overlap),
+            "core_margin": core_margin(planned_overlap(tile, overlap, tile_alignment(spec))),
             "edge_tolerance": spec.merge.edge_tolerance,
             "merge": MergeOptions(
                 **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})

@@ -76,6 +76,12 @@ def aligned_step(tile_size: int, overlap: int, align: int = 1) -> int:
     return step
 
 
+def planned_overlap(tile_size: int, overlap: int, align: int = 1) -> int:
+    """The overlap neighbouring tiles really have once the step is aligned: at least
+    ``overlap`` (:func:`aligned_step` only rounds the step down)."""
+    return tile_size - aligned_step(tile_size, overlap, align)
+
+
 def axis_offsets(size: int, tile_size: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles along one axis of ``size`` pixels, each a multiple of ``align``.
 
