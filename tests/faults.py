@@ -158,7 +158,7 @@ class KillAfterFirstDone:
             time.sleep(0.02)
 
     def progress(self, line: str) -> None:
-        if line.strip().startswith("done ") and not self._thread.is_alive():
+        if line.strip().startswith("done ") and self._thread.ident is None:
             if not self._stop.is_set():
                 self._thread.start()
 

@@ -38,7 +38,7 @@ from servers import FlakyProxy, RangeServer
 from pipeline.config import parse_job
 from pipeline.io.ledger import Ledger
 from pipeline.io.synthetic import plan_objects, write_scene
-from pipeline.jobs.run import run_job
+from pipeline.jobs.run import DetectorActor, run_job
 from pipeline.jobs.stages import tile_alignment
 from pipeline.ops.tiles import plan_tiles
 
@@ -170,6 +170,8 @@ def test_a_killed_detector_actor_is_restarted_and_its_batches_run_again(
             return
         seen = int(line.split("tiles ", 1)[1].split("/", 1)[0])
         pids = detector_actors()
+        if not pids:  # the driver reports from the start: the actor may not be up yet
+            return
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         killed.append((pids, seen))
@@ -298,18 +300,35 @@ def test_a_deadline_abandons_a_call_stuck_in_io_and_passes_results_through():
         call_with_deadline(lambda: 1 / 0, 5, "failing")
 
 
+def slow_after_first() -> type:
+    """The threshold detector, half a second a tile on every scene but scene_000 (made in a
+    function: Ray ships a local class by value, a test module's class by a name its workers
+    cannot import)."""
+
+    class SlowAfterFirst(DetectorActor):
+        def _detect(self, batch):
+            if not str(batch["scene_id"][0]).startswith("scene_000"):
+                time.sleep(0.5)
+            return super()._detect(batch)
+
+    return SlowAfterFirst
+
+
 def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still_ends(
     ray_session, tmp_path
 ):
     """After the first scene is done, every worker running a read task is killed: the read
-    tasks in flight exhaust their retries (TASK_RETRIES), the run ends instead of retrying
-    forever, the scenes whose tiles never came back fail with the reason, and the scenes done
-    before keep their rows and ledger records. Larger scenes (25 tiles each, one per read
-    task) leave most reads still to run when the first scene is done."""
+    tasks in flight exhaust their retries (READ_TASK_RETRIES), the run ends instead of
+    retrying forever, the scenes whose tiles never came back fail with the reason, and the
+    scenes done before keep their rows and ledger records. One 1024 px tile a read task: 16 MB
+    of read-ahead holds five, and the detector is slow on every scene but the first, so most
+    of the last two scenes' reads are still to run when the first scene is done, and 40 kills
+    take the reads in flight past their retries."""
     folder = tmp_path / "archive"
-    write_archive(folder, 3, size=1100)
+    write_archive(folder, 3, size=3200)
     inputs = sorted(folder.glob("*.tif"))
-    run_job(parse_job(threshold_job(inputs, tmp_path / "clean")), progress=quiet)
+    tiling = {"tile_size": 1024, "overlap": 128, "tiles_per_read_task": 1}
+    run_job(parse_job(threshold_job(inputs, tmp_path / "clean", tiling=tiling)), progress=quiet)
     clean = output_rows(str(tmp_path / "clean"))
     killer = KillAfterFirstDone(
         lambda: [p for p in descendants(os.getpid()) if "read_chunk" in command_line(p)],
@@ -319,12 +338,14 @@ def test_a_chunk_that_kills_every_read_worker_fails_its_scenes_and_the_run_still
         threshold_job(
             inputs,
             tmp_path / "out",
-            tiling={"tiles_per_read_task": 1},
+            tiling=tiling,
             detect={"batch_size": 1, "inflight_mb_per_actor": 16},
         )
     )
     try:
-        report = run_job(spec, progress=killer.progress, progress_every_s=0)
+        report = run_job(
+            spec, progress=killer.progress, progress_every_s=0, detector_actor=slow_after_first()
+        )
     finally:
         killer.stop()
     assert killer.killed, "the killer never ran: the first scene was not done before the last"
@@ -345,10 +366,13 @@ def test_an_actor_that_dies_at_every_start_ends_the_run_by_the_stall_timeout(
 ):
     """After the first scene is done, every detector actor is killed as soon as it appears,
     even while loading: Ray restarts it without end and no batch ever fails, so only the
-    driver's stall timeout (detect.stall_timeout_s) ends the run; the scenes in flight fail
-    with it, the done ones keep their rows."""
+    stall timeout (detect.stall_timeout_s) ends the run; the scenes in flight fail with it,
+    the done ones keep their rows. The detector is slow on every scene but the first, so
+    that the others are still in flight when the first is done."""
     folder, _ = archive
-    killer = KillAfterFirstDone(detector_actors)
+    killer = KillAfterFirstDone(
+        lambda: [p for p in descendants(os.getpid()) if "SlowAfterFirst" in command_line(p)]
+    )
     spec = parse_job(
         threshold_job(
             sorted(folder.glob("*.tif")),
@@ -358,9 +382,11 @@ def test_an_actor_that_dies_at_every_start_ends_the_run_by_the_stall_timeout(
         )
     )
     try:
-        report = run_job(spec, progress=killer.progress, progress_every_s=0)
+        report = run_job(
+            spec, progress=killer.progress, progress_every_s=0, detector_actor=slow_after_first()
+        )
     finally:
-        killer.stop()  # the abandoned dataset then runs to its end in the background
+        killer.stop()
     assert killer.killed
     done = [s for s in report.scenes if s.status == "done"]
     failed = [s for s in report.scenes if s.status == "failed"]

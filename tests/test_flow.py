@@ -133,7 +133,7 @@ def test_a_layout_that_leaves_no_cpu_for_reads_is_refused(ray_session, archive, 
     spec = parse_job(
         threshold_job(sorted(archive.glob("*.tif")), tmp_path / "out", detect={"num_actors": 2})
     )
-    with pytest.raises(GeoRetinaError, match=r"detect\.num_cpus_per_actor to at most 0\.50"):
+    with pytest.raises(GeoRetinaError, match=r"detect\.num_cpus_per_actor to at most 0\.75"):
         run_job(spec, progress=quiet)
 
 

@@ -43,7 +43,17 @@ def discover_scenes(
     timeout_s: float = IDENTITY_TIMEOUT_S,
     vrt_folder: str | None = None,
 ) -> list[Scene]:
-    """Expand paths, globs, list files and STAC sources into scenes, in input order, once each.
+    """Every scene of :func:`iter_scenes`, as a list."""
+    return list(iter_scenes(inputs, timeout_s, vrt_folder))
+
+
+def iter_scenes(
+    inputs: Sequence[InputItem],
+    timeout_s: float = IDENTITY_TIMEOUT_S,
+    vrt_folder: str | None = None,
+) -> Iterator[Scene]:
+    """Expand paths, globs, list files and STAC sources into scenes, in input order, once each,
+    as they are found.
 
     A plain path is kept even if it does not exist (the scene then fails with a clear error,
     and the others go on); a glob that matches nothing yields nothing. A list file or STAC
@@ -53,7 +63,7 @@ def discover_scenes(
     A mosaic is one scene: its VRT is written to ``vrt_folder`` (where every node's read
     tasks can open it: the job's output, ``OUTPUT/_vrt``; default a local temporary folder).
     """
-    scenes: dict[str, Scene] = {}
+    seen: set[str] = set()  # public URIs: what grows is one short string a scene
     for item in inputs:
         if isinstance(item, ListInput):
             found: Iterable[Scene] = _expand_patterns(read_uri_list(item.uris), timeout_s)
@@ -66,8 +76,9 @@ def discover_scenes(
         else:
             found = _expand_patterns([item], timeout_s)
         for scene in found:
-            scenes.setdefault(scene.public_uri, scene)  # presigned twice: one scene
-    return list(scenes.values())
+            if scene.public_uri not in seen:  # presigned twice: one scene
+                seen.add(scene.public_uri)
+                yield scene
 
 
 def _is_glob(pattern: str) -> bool:

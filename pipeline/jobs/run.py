@@ -1,33 +1,33 @@
-"""The run: what to process → pre-flight and plan → read → detect → merge and write → record.
+"""The run: what to process → scene workers (plan, read, detect, merge, write, record) → report.
 
-Ray Data streams scenes through the plan, read and detect stages (:mod:`pipeline.jobs.stages`);
-each scene's merge and write is a Ray task (:mod:`pipeline.jobs.merging`), launched when its
-last tile is back. The driver only routes tile results to their scene, column-wise, and keeps
-counters (:mod:`pipeline.jobs.tracking`); stages report failures to the scene board
-(:mod:`pipeline.jobs.board`), so a bad scene fails alone and its other tiles are not read.
+The driver streams the job's scenes as discovery finds them (those the ledger has done are
+skipped on the way) and hands each to a scene worker (:mod:`pipeline.jobs.worker`), a few
+ahead of what the workers are running; it hears back one result a scene, writes it to the
+report's scene log and keeps counters. Nothing it holds grows with the archive: no tile, pixel
+or detection passes through it, and a finished scene leaves one line in a file. Detector actors
+(:mod:`pipeline.jobs.stages`) are one pool that every worker feeds.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
+import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.exceptions import RayError
 
 from pipeline.config import JobSpec
 from pipeline.errors import GeoRetinaError, SceneError
-from pipeline.io.discovery import discover_scenes
+from pipeline.io.discovery import iter_scenes
 from pipeline.io.ledger import Ledger
 from pipeline.io.scenes import Scene
 from pipeline.io.writable import check_output_writable
-from pipeline.jobs.board import SceneBoard
-from pipeline.jobs.merging import SceneOutcome
+from pipeline.jobs.merging import SceneOutcome, failed_record
 from pipeline.jobs.ray_session import (
     ALLOCATOR_ENV,
     check_layout_fits,
@@ -36,32 +36,32 @@ from pipeline.jobs.ray_session import (
 )
 from pipeline.jobs.report import RunProgress
 from pipeline.jobs.stages import (
+    MAX_ATTEMPTS,
+    READ_TASK_CPUS,
     DetectorActor,
+    chunk_bytes,
     first_line,
-    plan_scene,
-    read_chunk,
     tile_alignment,
 )
-from pipeline.jobs.tracking import RunReport, SceneTracker
+from pipeline.jobs.tracking import RunReport
+from pipeline.jobs.worker import SceneResult, SceneWorker, WorkerSetup
 from pipeline.ops.boxes import MergeOptions, core_margin
 from pipeline.ops.tiles import planned_overlap
-from pipeline.redact import redact_text
+from pipeline.redact import redact_text, redact_uri
 
 __all__ = ["DetectorActor", "RunReport", "SceneOutcome", "run_job"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# Read tasks are short and mostly decompression; a fraction of a CPU each lets them run beside
-# detector actors that take the remaining cores (on a CPU machine, one single-threaded actor
-# per core beats one multi-threaded actor: no OpenMP barrier stalls when a read task runs).
-READ_TASK_CPUS = 0.5
-PLAN_TASK_CPUS = 0.25
-# Ray Data's repartition (a plan's chunks into one block each) takes no num_cpus: its tasks
-# ask for one whole CPU. Detector actors that leave less than that free hang before their
-# first tile (two actors of 0.75 CPU on 2 CPUs did, as did one of 1.5): refused at start.
-REPARTITION_TASK_CPUS = 1.0
+# A worker runs this many scenes at once (a thread each: they mostly wait) and is handed a
+# few more, so that it never waits for the driver.
+SCENES_PER_WORKER = 16
+SCENES_QUEUED_PER_WORKER = 4
+# One scene worker for this many detector actors: a worker's own cost is per chunk and per
+# scene (about a millisecond each), far below what it takes a detector to eat a chunk.
+ACTORS_PER_WORKER = 4
+# The driver's own stall guard, beyond the workers' (a worker stuck where no clock runs).
+DRIVER_STALL_GRACE_S = 60.0
 
 
 def run_job(
@@ -82,10 +82,10 @@ def run_job(
     ``on_progress`` as a :class:`RunProgress` when given (a progress bar), else to
     ``progress`` as a plain line; scenes done and failed always go to ``progress``.
 
-    ``ray_progress_bars`` shows Ray Data's own progress bars (``georetina -v``).
+    ``ray_progress_bars`` (``georetina -v``) lets Ray's own log lines through.
 
-    ``detector_actor`` replaces the detector stage's class (same constructor and call) for
-    benchmarks and fault tests: a simulated GPU, a detector that fails on purpose.
+    ``detector_actor`` replaces the detector stage's class (same constructor and
+    ``run_chunk``) for benchmarks and fault tests: a simulated GPU, a detector that fails.
     """
     started = time.perf_counter()
     progress = _redacting(progress)
@@ -95,58 +95,71 @@ def run_job(
 
     model_id = model_id_for(spec.model, spec.tiling.tile_size)  # a bad checkpoint fails here
     report = RunReport(run_id=run_id, job=spec.name, model_id=model_id, output=spec.output.path)
-    todo = scenes_to_run(spec, model_id, report, force)
-    progress(
-        f"run {run_id}: {len(todo) + report.count('skipped')} scene(s), "
-        f"{len(todo)} to process, model {model_id}"
-    )
-    if todo:
+    progress(f"run {run_id}: model {model_id}, scenes handed out as they are found")
+    todo = SceneFeed(spec, model_id, report, force)
+    first = todo.peek()
+    if first is not None:
         before_ray = time.perf_counter()
         ensure_ray(address)
         report.ray_start_s = time.perf_counter() - before_ray
+        if not ray_progress_bars:
+            logging.getLogger("ray").setLevel(logging.WARNING)
         detect = spec.detect
         check_object_store(detect.num_actors, detect.inflight_mb_per_actor)
+        # The largest task a tile must pass through; merge tasks take less.
         check_layout_fits(
-            detect.num_actors,
-            detect.num_cpus_per_actor,
-            detect.num_gpus_per_actor,
-            # The largest task a tile must pass through; plan and merge tasks take less.
-            max(READ_TASK_CPUS, REPARTITION_TASK_CPUS),
+            detect.num_actors, detect.num_cpus_per_actor, detect.num_gpus_per_actor, READ_TASK_CPUS
         )
-        Flow(
-            spec,
-            report,
-            progress,
-            progress_every_s,
-            started,
-            detector_actor,
-            on_progress,
-            ray_progress_bars=ray_progress_bars,
-        ).run(todo)
+        Flow(spec, report, progress, progress_every_s, started, detector_actor, on_progress).run(
+            todo
+        )
+    progress(
+        f"run {run_id}: {todo.found} scene(s), {todo.found - report.count('skipped')} processed"
+    )
     report = _finish(report, started, spec.output.path)
     compact_after_run(spec, report, progress)
     return report
 
 
-def scenes_to_run(spec: JobSpec, model_id: str, report: RunReport, force: bool) -> list[dict]:
-    """The job's scenes not yet done with this model and settings, as the plan stage's rows.
+class SceneFeed:
+    """The job's scenes not yet done with this model and settings, as discovery finds them.
 
-    Scenes already done are recorded as skipped; what the driver keeps of the rest is one
-    small row each until Ray Data has them.
+    Scenes already done are recorded as skipped on the way; the rest come out as small rows
+    for the workers. What it holds: the ledger's done keys, and one scene looked ahead.
     """
-    settings_hash = spec.settings_hash()
-    done = set() if force else Ledger(spec.output.path).done_keys()
-    rows = []
-    vrt_folder = spec.output.vrt_folder  # mosaic inputs' VRTs, readable from every node
-    for scene in discover_scenes(spec.inputs, spec.tiling.read_timeout_s, vrt_folder):
-        if (scene.identity, model_id, settings_hash) in done:
-            report.log.add(SceneOutcome(scene.scene_id, scene.public_uri, "skipped"))
-        else:
-            rows.append(_scene_row(scene))
-    return rows
+
+    def __init__(self, spec: JobSpec, model_id: str, report: RunReport, force: bool) -> None:
+        self.report = report
+        self.key = (model_id, spec.settings_hash())
+        self.done = set() if force else Ledger(spec.output.path).done_keys()
+        # Mosaic inputs' VRTs go where every node can read them.
+        self.scenes = iter_scenes(spec.inputs, spec.tiling.read_timeout_s, spec.output.vrt_folder)
+        self.found = 0
+        self.finished = False
+        self._next: dict | None = None
+
+    def peek(self) -> dict | None:
+        if self._next is None:
+            self._next = self._advance()
+        return self._next
+
+    def next(self) -> dict | None:
+        row = self.peek()
+        self._next = None
+        return row
+
+    def _advance(self) -> dict | None:
+        for scene in self.scenes:
+            self.found += 1
+            if (scene.identity, *self.key) in self.done:
+                self.report.log.add(SceneOutcome(scene.scene_id, scene.public_uri, "skipped"))
+            else:
+                return scene_row(scene)
+        self.finished = True
+        return None
 
 
-def _scene_row(scene: Scene) -> dict[str, str]:
+def scene_row(scene: Scene) -> dict[str, str]:
     return {
         "scene_id": scene.scene_id,
         "uri": scene.uri,
@@ -157,8 +170,78 @@ def _scene_row(scene: Scene) -> dict[str, str]:
     }
 
 
+def merge_common(spec: JobSpec, report: RunReport) -> dict[str, Any]:
+    """The fields every scene's merge context shares."""
+    tile, overlap = spec.tiling.tile_size, spec.tiling.overlap
+    return {
+        "tile_size": tile,
+        "core_margin": core_margin(planned_overlap(tile, overlap, tile_alignment(spec))),
+        "edge_tolerance": spec.merge.edge_tolerance,
+        "merge": MergeOptions(
+            **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})
+        ),
+        "class_names": tuple(spec.model.classes),
+        "model_id": report.model_id,
+        "settings_hash": spec.settings_hash(),
+        "run_id": report.run_id,
+        "output_crs": spec.output.crs,
+        "row_group_size": spec.output.row_group_size,
+    }
+
+
+def start_detectors(spec: JobSpec, detector_actor: type, run_id: str) -> dict[str, Any]:
+    """The detector pool. Ray restarts an actor that dies and runs its calls again, without
+    a limit: the actor itself refuses the chunk that has killed it too often (``DeathLog``)."""
+    detect = spec.detect
+    env = dict(ALLOCATOR_ENV)
+    if detect.torch_threads:
+        # Size OpenMP's pool at start-up rather than resizing it later (~3% faster on CPU).
+        env["OMP_NUM_THREADS"] = str(detect.torch_threads)
+    actor = ray.remote(detector_actor)
+    options = {
+        "num_cpus": detect.num_cpus_per_actor,
+        "num_gpus": detect.num_gpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "runtime_env": {"env_vars": env},
+    }
+    # by_alias: list inputs are spelt {list: ...} (their field is named uris).
+    spec_json = spec.model_dump_json(by_alias=True)
+    # Named: a scene worker finds them by name, also after a restart (handles passed to an
+    # actor's constructor would have to outlive it in the object store).
+    names = [f"georetina-{run_id}-detector-{index}" for index in range(detect.num_actors)]
+    return {name: actor.options(name=name, **options).remote(spec_json) for name in names}
+
+
+def start_workers(spec: JobSpec, report: RunReport, detectors: list[str]) -> list[Any]:
+    """Scene workers, one for every ``ACTORS_PER_WORKER`` detectors; they share the
+    run's read-ahead budget (``detect.inflight_mb_per_actor`` per actor)."""
+    detect = spec.detect
+    count = max(1, math.ceil(detect.num_actors / ACTORS_PER_WORKER))
+    budget = detect.num_actors * detect.inflight_mb_per_actor * 2**20
+    chunk = chunk_bytes(spec.tiling.tiles_per_read_task, spec.tiling.tile_size)
+    per_worker = max(2, budget // chunk // count)
+    setup = WorkerSetup(
+        spec, merge_common(spec, report), tile_alignment(spec), per_worker, detect.stall_timeout_s
+    )
+    worker = ray.remote(concurrency_groups={"status": 1})(SceneWorker).options(
+        num_cpus=0,
+        max_restarts=-1,  # a lost node: the driver hands its scenes out again
+        max_concurrency=SCENES_PER_WORKER,
+        scheduling_strategy="SPREAD",
+    )
+    return [worker.remote(setup, detectors) for _ in range(count)]
+
+
+@dataclass
+class _Handed:
+    row: dict[str, str]
+    worker: int
+    attempt: int = 1
+
+
 class Flow:
-    """One run's streaming part: the board, the dataset, and the loop that drains it."""
+    """One run's streaming part: the actors, the scenes handed out, the results taken in."""
 
     def __init__(
         self,
@@ -169,236 +252,155 @@ class Flow:
         started: float,
         detector_actor: type = DetectorActor,
         on_progress: Callable[[RunProgress], None] | None = None,
-        ray_progress_bars: bool = False,
     ) -> None:
         self.spec, self.report, self.progress = spec, report, progress
-        self.ray_progress_bars = ray_progress_bars
-        self.detector_actor, self.on_progress = detector_actor, on_progress
         self.progress_every_s, self.started = progress_every_s, started
-        # On the driver's node: a worker node that goes away takes no scene state with it.
-        self.board = (
-            ray.remote(SceneBoard)
-            .options(
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    ray.get_runtime_context().get_node_id(), soft=False
-                ),
-            )
-            .remote()
-        )
-        self.tracker = SceneTracker(self.board, self._common(), spec.output.path, report, progress)
+        self.detector_actor, self.on_progress = detector_actor, on_progress
+        self.handed: dict[ray.ObjectRef, _Handed] = {}
+        self.scenes_handed = 0
+        self.stop_reason: str | None = None  # set: no more scenes are handed out
+        self.tiles_status = (0, 0)  # planned, detected: the workers' last word
+        self.last_change = time.monotonic()
 
-    def _common(self) -> dict[str, Any]:
-        """The fields every scene's merge context shares."""
-        spec = self.spec
-        tile, overlap = spec.tiling.tile_size, spec.tiling.overlap
-        return {
-            "tile_size": tile,
-            "core_margin": core_margin(planned_overlap(tile, overlap, tile_alignment(spec))),
-            "edge_tolerance": spec.merge.edge_tolerance,
-            "merge": MergeOptions(
-                **spec.merge.model_dump(include={"iou_threshold", "metric", "class_aware", "mode"})
-            ),
-            "class_names": tuple(spec.model.classes),
-            "model_id": self.report.model_id,
-            "settings_hash": spec.settings_hash(),
-            "run_id": self.report.run_id,
-            "output_crs": spec.output.crs,
-            "row_group_size": spec.output.row_group_size,
-        }
-
-    def run(self, todo: list[dict]) -> None:
-        scenes_total = len(todo)
-        runnable = []
-        for row in todo:  # known bad at discovery (a STAC item without the asset)
-            if row["problem"]:
-                error = str(SceneError(row["scene_id"], row["problem"]))
-                self.tracker.fail(row["scene_id"], error, row)
-            else:
-                runnable.append(row)
-        del todo
-        stage_error = None
-        if runnable:
-            dataset = build_dataset(
-                self.spec, runnable, self.board, self.detector_actor, self.ray_progress_bars
-            )
-            del runnable
-            try:
-                self._drain(dataset, scenes_total)
-            except Exception as error:  # noqa: BLE001 - the scenes in flight fail, the rest stand
-                stage_error = f"tiles lost: {first_line(error)}"
-            finally:
-                release(dataset)
-        self.tracker.finish(stage_error)
-        self.report.tiles = self.tracker.tiles_seen
-        self._report_progress(scenes_total)  # the last word: every merge is in
-        closed = sum(self.report.log.counts[s] for s in ("done", "failed"))
-        self.report.scenes_not_started = max(0, scenes_total - closed)
+    def run(self, feed: SceneFeed) -> None:
+        self.feed = feed
+        self.detectors = start_detectors(self.spec, self.detector_actor, self.report.run_id)
+        self.workers = start_workers(self.spec, self.report, list(self.detectors))
+        self.load = [0] * len(self.workers)
+        try:
+            self._stream()
+        finally:
+            self._release()
+        self._report_progress()  # the last word: every scene is in
+        closed = self.report.count("done") + self.report.count("failed")
+        while feed.next() is not None:  # counted, so the report can say what was left
+            pass
+        self.report.scenes_not_started = feed.found - self.report.count("skipped") - closed
         if self.report.scenes_not_started:
             self.progress(
                 f"  {self.report.scenes_not_started} scene(s) not started: the run ended "
-                f"early ({stage_error}); the next run does them"
+                f"early ({self.stop_reason}); the next run does them"
             )
-        ray.kill(self.board)
 
-    def _drain(self, dataset: ray.data.Dataset, scenes_total: int) -> None:
+    def _stream(self) -> None:
         last_report = time.perf_counter()
-        batches = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-        for batch in _until_stalled(batches, self.spec.detect.stall_timeout_s):
-            self.tracker.add_batch(batch)
-            self.tracker.drain()
-            if time.perf_counter() - last_report >= self.progress_every_s:
-                self._report_progress(scenes_total)
-                last_report = time.perf_counter()
-
-    def _report_progress(self, scenes_total: int) -> None:
-        busy = time.perf_counter() - self.started - self.report.ray_start_s
-        if self.on_progress is not None:
-            self.on_progress(self.tracker.snapshot(scenes_total, busy))
-        else:
-            self.progress(f"  {self.tracker.progress_line(scenes_total, busy)}")
-
-
-def build_dataset(
-    spec: JobSpec,
-    scenes: list[dict],
-    board: Any,
-    detector_actor: type = DetectorActor,
-    ray_progress_bars: bool = False,
-) -> ray.data.Dataset:
-    """scenes → plan (one row a chunk) → read → detect, streamed, memory bounded by budget."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = ray_progress_bars  # georetina -v
-    context.print_on_execution_start = ray_progress_bars
-    # A block that fails past its retries drops its tiles; their scene then fails alone
-    # ("only k of n tiles came back") instead of the whole dataset stopping.
-    context.max_errored_blocks = -1
-    # Reads run ahead of the detector only this far: memory stays flat in the raster's size.
-    budget = spec.detect.num_actors * spec.detect.inflight_mb_per_actor * 2**20
-    context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-        object_store_memory=budget
-    )
-    # Ray Data logs its progress at INFO when stdout is not a terminal.
-    logging.getLogger("ray.data").setLevel(logging.INFO if ray_progress_bars else logging.WARNING)
-    detect = spec.detect
-    actor_env = dict(ALLOCATOR_ENV)
-    if detect.torch_threads:
-        # Size OpenMP's pool at start-up rather than resizing it later (~3% faster on CPU).
-        actor_env["OMP_NUM_THREADS"] = str(detect.torch_threads)
-    # by_alias: list inputs are spelt {list: ...} (their field is named uris).
-    spec_json = spec.model_dump_json(by_alias=True)
-    dataset = (
-        # One block a scene: scenes are planned in parallel (20 scenes a block made 2,000
-        # one-tile scenes take 259 s instead of 115 s: each block's plans ran one by one).
-        ray.data.from_items(scenes, override_num_blocks=len(scenes))
-        .map_batches(
-            plan_scene,
-            batch_size=1,
-            # Offsets on the model's coarsest feature grid: tiles see what the whole image would.
-            fn_kwargs={
-                "tiling": spec.tiling,
-                "board": board,
-                "align": tile_alignment(spec),
-                "resolution": spec.model.read_resolution(),  # model.resolution_m: read grid
-            },
-            num_cpus=PLAN_TASK_CPUS,
-        )
-        # One read task a chunk: a plan's chunks would otherwise share one block.
-        .repartition(target_num_rows_per_block=1)
-        .map_batches(
-            read_chunk,
-            batch_size=1,
-            fn_kwargs={
-                "tile_size": spec.tiling.tile_size,
-                "read_timeout_s": spec.tiling.read_timeout_s,
-                "board": board,
-            },
-            num_cpus=READ_TASK_CPUS,
-        )
-        .map_batches(
-            detector_actor,
-            fn_constructor_kwargs={"spec_json": spec_json, "board": board},
-            batch_size=detect.batch_size,
-            # Ray Data restarts a killed actor and runs its unfinished batches again, without
-            # a limit; the board bounds the attempts of each batch instead (a lost node's
-            # retries fail at once while it is not yet known dead: a bound on Ray's retries
-            # lost the scenes in flight).
-            compute=ray.data.ActorPoolStrategy(size=detect.num_actors),
-            num_cpus=detect.num_cpus_per_actor,
-            num_gpus=detect.num_gpus_per_actor,
-            runtime_env={"env_vars": actor_env},
-        )
-    )
-    _keep_executor(dataset)
-    return dataset
-
-
-def _keep_executor(dataset: ray.data.Dataset) -> None:
-    """Note the dataset's executor as soon as it is made, for :func:`release`.
-
-    Ray Data puts it on the dataset (``_current_executor``) only once the first batch is
-    out; a run that stalled before that (actors that never start) could not be stopped.
-    """
-    create = dataset._create_executor
-
-    def create_and_keep() -> Any:
-        dataset._georetina_executor = create()
-        return dataset._georetina_executor
-
-    dataset._create_executor = create_and_keep
-
-
-def release(dataset: ray.data.Dataset) -> None:
-    """Stop a dataset's execution now, its actors and tasks with it (a stall, an error).
-
-    A run that ends early must not leave actors holding the cluster's CPUs or GPUs: a
-    notebook or service runs many jobs in one Ray session. Shutting the executor down is
-    what Ray Data's own blocking calls do when they finish.
-    """
-    for name in ("_current_executor", "_georetina_executor"):
-        executor = getattr(dataset, name, None)
-        if executor is not None:
-            executor.shutdown(force=True)
-            setattr(dataset, name, None)
-
-
-def _until_stalled(batches: Iterator[T], stall_s: float) -> Iterator[T]:
-    """``batches``, pulled by a thread; ``TimeoutError`` when none comes for ``stall_s``.
-
-    Detector actors and their batches are retried without limit (a lost node must not lose
-    scenes), so an actor that dies at every start would stall a run forever; this ends it.
-    """
-    handoff: queue.Queue = queue.Queue(maxsize=1)
-    abandoned = threading.Event()
-
-    def pump() -> None:
-        try:
-            for item in batches:
-                if abandoned.is_set():
-                    return
-                handoff.put(("item", item))
-            handoff.put(("end", None))
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            handoff.put(("error", error))
-
-    threading.Thread(target=pump, name="georetina batches", daemon=True).start()
-    try:
         while True:
-            try:
-                kind, value = handoff.get(timeout=stall_s)
-            except queue.Empty:
-                raise TimeoutError(
-                    f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"
-                ) from None
-            if kind == "end":
+            self._hand_out()
+            if not self.handed:
                 return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        abandoned.set()
-        while not handoff.empty():  # the pump may be blocked on a full queue
-            handoff.get_nowait()
+            ready, _ = ray.wait(list(self.handed), num_returns=len(self.handed), timeout=1.0)
+            for ref in ready:
+                self._take(ref)
+            if time.perf_counter() - last_report >= self.progress_every_s:
+                self._poll_workers()
+                self._report_progress()
+                last_report = time.perf_counter()
+            self._check_stall()
+
+    def _hand_out(self) -> None:
+        room = SCENES_PER_WORKER + SCENES_QUEUED_PER_WORKER
+        while self.stop_reason is None and min(self.load) < room:
+            row = self.feed.next()
+            if row is None:
+                return
+            if row["problem"]:  # known bad at discovery (a STAC item without the asset)
+                self._fail(row, str(SceneError(row["scene_id"], row["problem"])))
+            else:
+                self._hand(_Handed(row, self.load.index(min(self.load))))
+
+    def _hand(self, handed: _Handed) -> None:
+        self.load[handed.worker] += 1
+        self.scenes_handed += 1
+        call = self.workers[handed.worker].run_scene.remote(handed.row, self.scenes_handed)
+        self.handed[call] = handed
+
+    def _take(self, ref: ray.ObjectRef) -> None:
+        handed = self.handed.pop(ref)
+        self.load[handed.worker] -= 1
+        self.last_change = time.monotonic()
+        try:
+            result: SceneResult = ray.get(ref)
+        except RayError as error:  # the worker died (its node was lost): the scene again
+            if handed.attempt >= MAX_ATTEMPTS:
+                died = f"its scene worker died {MAX_ATTEMPTS} times: {first_line(error)}"
+                self._fail(handed.row, str(SceneError(handed.row["scene_id"], died)))
+            else:
+                spare = self.load.index(min(self.load))
+                self._hand(_Handed(handed.row, spare, handed.attempt + 1))
+            return
+        self.report.tiles += result.tiles_back
+        if result.stalled and self.stop_reason is None:
+            self.stop_reason = result.outcome.error.split("tiles lost: ", 1)[-1]
+        self._close(result.outcome)
+
+    def _fail(self, row: dict[str, str], error: str) -> None:
+        """A scene failed here, not in a worker: its ledger record and outcome."""
+        error = redact_text(error)
+        common = merge_common(self.spec, self.report)
+        Ledger(self.spec.output.path).record(
+            failed_record(row["scene_id"], row["identity"], common, error)
+        )
+        self._close(SceneOutcome(row["scene_id"], redact_uri(row["uri"]), "failed", error=error))
+
+    def _close(self, outcome: SceneOutcome) -> None:
+        self.report.log.add(outcome)
+        if outcome.status == "failed":
+            self.progress(f"  failed {outcome.scene_id}: {outcome.error}")
+        elif outcome.status == "done":
+            self.progress(
+                f"  done {outcome.scene_id}: {outcome.tiles} tiles "
+                f"({outcome.tiles_without_data} without data), {outcome.detections} detections"
+            )
+
+    def _poll_workers(self) -> None:
+        """The workers' tile counts, from those that answer within a few seconds."""
+        asked = [worker.status.remote() for worker in self.workers]
+        ready, _ = ray.wait(asked, num_returns=len(asked), timeout=5.0)
+        counts = [ray.get(ref) for ref in ready] if len(ready) == len(asked) else []
+        if counts:
+            status = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            if status[1] != self.tiles_status[1]:
+                self.last_change = time.monotonic()
+            self.tiles_status = status
+
+    def _check_stall(self) -> None:
+        """The workers end their own scenes when no tile comes back; this ends a run whose
+        workers themselves stopped answering (stuck where no clock of theirs runs)."""
+        stall_s = self.spec.detect.stall_timeout_s
+        if time.monotonic() - self.last_change < stall_s + DRIVER_STALL_GRACE_S:
+            return
+        self._poll_workers()
+        if time.monotonic() - self.last_change < stall_s + DRIVER_STALL_GRACE_S:
+            return
+        reason = f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"
+        self.stop_reason = self.stop_reason or reason
+        for ref, handed in list(self.handed.items()):
+            del self.handed[ref]
+            self._fail(handed.row, f"tiles lost: {reason}")
+
+    def _report_progress(self) -> None:
+        counts = self.report.log.counts
+        busy = time.perf_counter() - self.started - self.report.ray_start_s
+        snapshot = RunProgress(
+            scenes_done=counts["done"],
+            scenes_failed=counts["failed"],
+            scenes_skipped=counts["skipped"],
+            scenes_known=self.feed.found,
+            discovery_finished=self.feed.finished,
+            tiles_done=max(self.tiles_status[1], 0),
+            tiles_planned=self.tiles_status[0],
+            busy_s=busy,
+        )
+        if self.on_progress is not None:
+            self.on_progress(snapshot)
+        else:
+            self.progress(f"  {snapshot.line()}")
+
+    def _release(self) -> None:
+        """The run's actors go, whatever ended it: a notebook or a service runs many jobs in
+        one Ray session, and a run must not leave actors holding its CPUs or GPUs."""
+        for actor in [*self.workers, *self.detectors.values()]:
+            ray.kill(actor, no_restart=True)
 
 
 def _redacting(progress: Callable[[str], None]) -> Callable[[str], None]:

@@ -1,13 +1,19 @@
-"""The streaming stages Ray Data runs: plan a scene, read a chunk of its tiles, detect.
+"""What happens to a scene's tiles: plan the scene, read a chunk of its tiles, detect.
 
-Each is a plain function or callable class handed to ``map_batches``; they call the pure
-modules and the readers, and tell the scene board (:mod:`pipeline.jobs.board`) when a scene
-fails, so that its other tiles are neither read nor detected.
+The scene workers (:mod:`pipeline.jobs.worker`) make each plan themselves, run each chunk's
+read as a Ray task (:func:`read_chunk`) and hand its output, by reference, to a detector actor
+(:class:`DetectorActor`): pixels go from the read task to the actor through the object store
+and never pass through a worker or the driver. Each chunk holds one scene's tiles, so what a
+chunk does wrong (a read error, a detector that raises or kills its actor) is that scene's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,14 +24,22 @@ from rasterio.windows import Window
 
 from pipeline.config import JobSpec, TilingSettings
 from pipeline.errors import SceneError
-from pipeline.io.rasters import inspect_raster_within
+from pipeline.io.rasters import RasterInfo, inspect_raster_within
 from pipeline.io.reads import read_tiles
 from pipeline.model.detector import TileDetections, detect_tiles, make_detector
 from pipeline.ops.grid import Resample
 from pipeline.ops.tiles import plan_alignment, plan_offsets
 
-# A chunk or batch whose worker died this many times is not tried again: its scenes fail.
+# A chunk whose tiles killed its detector actor this many times is not tried again: its
+# scene fails. A scene whose worker died this many times fails too.
 MAX_ATTEMPTS = 4
+# Read tasks are short and mostly decompression; a fraction of a CPU each lets them run beside
+# detector actors that take the remaining cores (on a CPU machine, one single-threaded actor
+# per core beats one multi-threaded actor: no OpenMP barrier stalls when a read task runs).
+READ_TASK_CPUS = 0.5
+# A read task whose worker process died is run again this many times (a lost node, an OOM
+# kill); a read that raises is not: its scene fails with the reason.
+READ_TASK_RETRIES = 3
 
 
 def first_line(error: BaseException, limit: int = 500) -> str:
@@ -43,129 +57,172 @@ def tile_alignment(spec: JobSpec) -> int:
     return plan_alignment(largest_stride(spec.model), tiling.tile_size, tiling.overlap)
 
 
+# -- plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """A scene's raster facts and its tiles' offsets (two arrays, never an object a tile)."""
+
+    info: RasterInfo
+    cols: np.ndarray
+    rows: np.ndarray
+
+    @property
+    def tiles(self) -> int:
+        return len(self.cols)
+
+
 def plan_scene(
-    batch: dict[str, np.ndarray],
+    scene: dict[str, str],
     tiling: TilingSettings,
-    board: Any,
     align: int = 1,
     resolution: tuple[float, float] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data stage: pre-flight one scene, post its plan, yield its read chunks.
+) -> ScenePlan:
+    """Pre-flight one scene and plan its tiles: offsets are multiples of ``align`` (the
+    model's largest stride); with ``resolution`` (``model.resolution_m`` and its tolerance)
+    the plan is in the scene's resampled read grid. Raises :class:`SceneError` naming it."""
+    info = inspect_raster_within(
+        scene["scene_id"],
+        scene["uri"],
+        tiling.bands,
+        tiling.scale_range,
+        tiling.read_timeout_s,
+        tiling.allow_pixel_coordinates,
+        resolution,
+    )
+    cols, rows = plan_offsets(info.width, info.height, tiling.tile_size, tiling.overlap, align)
+    return ScenePlan(info, np.asarray(cols, np.int32), np.asarray(rows, np.int32))
 
-    The plan is two arrays of offsets (multiples of ``align``, the model's largest stride),
-    cut into chunks of ``tiling.tiles_per_read_task``; a scene whose pre-flight fails is
-    posted as failed and yields nothing. With ``resolution`` (``model.resolution_m`` and its
-    tolerance) the plan is in the scene's resampled read grid, which the chunks carry.
-    """
-    scene = {key: str(values[0]) for key, values in batch.items()}
-    try:
-        info = inspect_raster_within(
-            scene["scene_id"],
-            scene["uri"],
-            tiling.bands,
-            tiling.scale_range,
+
+# -- read ------------------------------------------------------------------------------------
+
+
+class ReadFailed(Exception):
+    """A chunk's read failed: its scene fails with this message, and no pixels ship."""
+
+
+@dataclass(frozen=True)
+class SceneReads:
+    """How every chunk of one scene is read."""
+
+    scene_id: str
+    uri: str
+    bands: tuple[int, ...]
+    scale_range: tuple[float, float]
+    palette: np.ndarray | None
+    resample: Resample | None
+    tile_size: int
+    timeout_s: float
+
+    @classmethod
+    def of(cls, scene_id: str, uri: str, info: RasterInfo, tiling: TilingSettings) -> SceneReads:
+        lo, hi = info.scale_range
+        return cls(
+            scene_id,
+            uri,
+            tuple(int(b) for b in info.bands),
+            (float(lo), float(hi)),
+            info.palette_table(),
+            info.resample,
+            tiling.tile_size,
             tiling.read_timeout_s,
-            tiling.allow_pixel_coordinates,
-            resolution,
         )
-        cols, rows = plan_offsets(info.width, info.height, tiling.tile_size, tiling.overlap, align)
-    except Exception as error:  # noqa: BLE001 - this scene fails, the others go on
-        ray.get(board.post_failure.remote(scene["scene_id"], str(error), scene))
-        return
-    ray.get(board.post_plan.remote(scene["scene_id"], len(cols), (scene, info)))
-    step = tiling.tiles_per_read_task
-    for start in range(0, len(cols), step):
-        stop = min(start + step, len(cols))
-        yield {
-            "scene_id": np.array([scene["scene_id"]], dtype=object),
-            "uri": np.array([scene["uri"]], dtype=object),
-            "first_tile": np.array([start], dtype=np.int32),
-            "col_off": _one_row(cols[start:stop]),
-            "row_off": _one_row(rows[start:stop]),
-            "bands": _one_row(np.asarray(info.bands, dtype=np.int32)),
-            "scale": _one_row(np.asarray(info.scale_range, dtype=np.float64)),
-            "palette": _one_row(np.asarray(info.palette or (), dtype=np.uint8)),
-            "resample": np.array([info.resample.to_text() if info.resample else ""], dtype=object),
-        }
 
 
-def _one_row(values: np.ndarray) -> np.ndarray:
-    """A one-row object column holding ``values``: a list cell of a chunk's row."""
-    cell = np.empty(1, dtype=object)
-    cell[0] = values
-    return cell
-
-
-def _no_tiles(tile_size: int) -> dict[str, np.ndarray]:
-    return {
-        "scene_id": np.zeros(0, dtype=object),
-        "tile_index": np.zeros(0, np.int32),
-        "col_off": np.zeros(0, np.int32),
-        "row_off": np.zeros(0, np.int32),
-        "image": np.zeros((0, 3, tile_size, tile_size), np.uint8),
-        "valid_bits": np.zeros((0, tile_size, (tile_size + 7) // 8), np.uint8),
-    }
-
-
+@ray.remote(num_cpus=READ_TASK_CPUS, max_retries=READ_TASK_RETRIES)
 def read_chunk(
-    batch: dict[str, np.ndarray], tile_size: int, read_timeout_s: float, board: Any
+    how: SceneReads, first: int, col_offs: np.ndarray, row_offs: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Ray Data stage: read one chunk of one scene's tiles through one open dataset.
+    """Ray task: read one chunk of one scene's tiles through one open dataset.
 
-    A failure is posted to the board and ships no pixels; a chunk of a scene that has
-    already failed, or one that has killed its worker ``MAX_ATTEMPTS`` times, is not read.
-    """
-    scene_id, uri = str(batch["scene_id"][0]), str(batch["uri"][0])
-    first = int(batch["first_tile"][0])
-    attempt, failed = ray.get(board.start.remote(("read", scene_id, first), [scene_id]))
-    if failed:
-        return _no_tiles(tile_size)
-    if attempt > MAX_ATTEMPTS:
-        error = f"read failed: its worker died {MAX_ATTEMPTS} times reading tiles from {first}"
-        ray.get(board.post_failure.remote(scene_id, str(SceneError(scene_id, error))))
-        return _no_tiles(tile_size)
-    col_offs = np.asarray(batch["col_off"][0], dtype=np.int32)
-    row_offs = np.asarray(batch["row_off"][0], dtype=np.int32)
-    lo, hi = (float(v) for v in batch["scale"][0])
-    flat_palette = np.asarray(batch["palette"][0], dtype=np.uint8)
-    palette = flat_palette.reshape(256, 3) if flat_palette.size else None
-    windows = [
-        Window(int(c), int(r), tile_size, tile_size)
-        for c, r in zip(col_offs, row_offs, strict=False)
-    ]
-    bands = [int(b) for b in batch["bands"][0]]
+    Raises :class:`ReadFailed` (not retried) when the read fails or times out."""
+    size = how.tile_size
+    windows = [Window(int(c), int(r), size, size) for c, r in zip(col_offs, row_offs, strict=True)]
     try:
-        resample = Resample.from_text(str(batch["resample"][0]))
         images, valid = read_tiles(
-            uri, windows, bands, (lo, hi), palette, tile_size, read_timeout_s, resample
+            how.uri,
+            windows,
+            list(how.bands),
+            how.scale_range,
+            how.palette,
+            size,
+            how.timeout_s,
+            how.resample,
         )
     except Exception as failure:  # noqa: BLE001 - any read failure fails this scene only
         what = "read timed out" if isinstance(failure, TimeoutError) else "read failed"
-        error = str(SceneError(scene_id, f"{what}: {failure}"))
-        ray.get(board.post_failure.remote(scene_id, error))
-        return _no_tiles(tile_size)
+        raise ReadFailed(str(SceneError(how.scene_id, f"{what}: {failure}"))) from None
     count = len(windows)
     return {
-        "scene_id": np.full(count, scene_id, dtype=object),
+        "scene_id": np.full(count, how.scene_id, dtype=object),
         "tile_index": np.arange(first, first + count, dtype=np.int32),
-        "col_off": col_offs,
-        "row_off": row_offs,
+        "col_off": np.asarray(col_offs, np.int32),
+        "row_off": np.asarray(row_offs, np.int32),
         "image": images,
         # One bit a pixel through the object store: 8x fewer bytes than the 0/1 mask.
         "valid_bits": np.packbits(valid, axis=-1),
     }
 
 
-class DetectorActor:
-    """Ray Data actor: the detector is built once per actor; each call is one batch.
+def chunk_bytes(tiles: int, tile_size: int) -> int:
+    """What a chunk of ``tiles`` holds in the object store: pixels and the packed mask."""
+    return tiles * (3 * tile_size * tile_size + tile_size * ((tile_size + 7) // 8))
 
-    A batch that raises is run again scene by scene, and a batch whose actor died is run
-    scene by scene from its second attempt: only the scenes whose own tiles fail (or kill
-    the actor ``MAX_ATTEMPTS`` times) are posted as failed; their rows are dropped.
-    Without a board (a benchmark calling the class directly) errors simply raise.
+
+# -- detect ----------------------------------------------------------------------------------
+
+
+class DeathLog:
+    """Which chunk a detector actor was running when it died, kept in a file beside it.
+
+    Ray restarts a dead actor and runs every call it had queued again; only the call that
+    was running when it died is to blame. Each call is noted before it runs and cleared
+    after; a restarted actor finds the note of the call its predecessor never finished.
+    A restart on another node (its node was lost) finds no note: nobody's tiles are blamed.
     """
 
-    def __init__(self, spec_json: str, board: Any = None) -> None:
+    def __init__(self, actor_id: str) -> None:
+        folder = Path(tempfile.gettempdir()) / "georetina-detectors"
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f"{actor_id}.json"
+
+    def begin(self, key: str) -> int:
+        """Note that ``key`` runs now; how many times it has killed this actor before."""
+        state = self._load()
+        if state["running"] is not None:  # the last call never ended: it killed the actor
+            deaths = state["deaths"]
+            deaths[state["running"]] = deaths.get(state["running"], 0) + 1
+        state["running"] = key
+        self._save(state)
+        return state["deaths"].get(key, 0)
+
+    def end(self) -> None:
+        state = self._load()
+        state["running"] = None
+        self._save(state)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {"running": None, "deaths": {}}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(state))
+        partial.replace(self.path)
+
+
+class DetectorActor:
+    """Ray actor: the detector is built once per actor; each call is one chunk of one scene.
+
+    :meth:`run_chunk` answers ``(error, table)``: ``error`` is ``None`` or why the chunk's
+    scene fails (the detector raised, or these tiles killed the actor ``MAX_ATTEMPTS``
+    times); the table has one row per tile (:func:`detections_to_arrow`).
+    """
+
+    def __init__(self, spec_json: str) -> None:
         spec = JobSpec.model_validate_json(spec_json)
         self.detector = make_detector(
             spec.model,
@@ -175,49 +232,32 @@ class DetectorActor:
         )
         self.min_valid_fraction = spec.merge.min_valid_fraction
         self.tile_size = spec.tiling.tile_size
-        self.board = board
+        self.batch_size = spec.detect.batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if len(batch["scene_id"]) == 0:
-            return self._no_detections(batch)
-        if self.board is None:
-            return self._detect(batch)
-        scene_ids = batch["scene_id"]
-        names = list(dict.fromkeys(str(s) for s in scene_ids))
-        key = ("detect", names[0], int(batch["tile_index"][0]), len(scene_ids))
-        attempt, failed = ray.get(self.board.start.remote(key, names))
-        if attempt == 1 and not failed:
-            try:
-                return self._detect(batch)
-            except Exception:  # noqa: BLE001 - found out scene by scene below
-                pass
-        return pa.concat_tables(
-            [self._detect_scene(batch, scene_ids == name, name) for name in names]
-        )
+    def run_chunk(self, key: str, chunk: dict[str, np.ndarray]) -> tuple[str | None, Any]:
+        deaths = self._death_log().begin(key)
+        try:
+            if deaths >= MAX_ATTEMPTS:
+                return f"detector failed: its actor died {deaths} times on this scene's tiles", None
+            return None, self(chunk)
+        except Exception as failure:  # noqa: BLE001 - this chunk's scene fails, nothing else
+            return f"detector failed: {first_line(failure)}", None
+        finally:
+            self._death_log().end()
 
-    def _detect_scene(self, batch: dict[str, np.ndarray], rows: np.ndarray, name: str) -> pa.Table:
-        part = _take(batch, rows)
-        key = ("detect-scene", name, int(part["tile_index"][0]), len(part["tile_index"]))
-        attempt, failed = ray.get(self.board.start.remote(key, [name]))
-        if failed:
-            return self._no_detections(part)
-        error = None
-        if attempt > MAX_ATTEMPTS:
-            error = f"detector failed: its actor died {MAX_ATTEMPTS} times on this scene's tiles"
-        else:
-            try:
-                found = self._detect(part)
-                self.board.finish.remote(key)  # in order: the board sees it before a retry
-                return found
-            except Exception as failure:  # noqa: BLE001 - this scene fails, the others go on
-                error = f"detector failed: {first_line(failure)}"
-        ray.get(self.board.post_failure.remote(name, str(SceneError(name, error))))
-        return self._no_detections(part)
+    def _death_log(self) -> DeathLog:
+        if not hasattr(self, "_deaths"):
+            self._deaths = DeathLog(ray.get_runtime_context().get_actor_id())
+        return self._deaths
 
-    def _no_detections(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """The detection table's columns with no rows: what a failed scene's part gives."""
-        none = _take(batch, np.zeros(len(batch["tile_index"]), bool))
-        return detections_to_arrow(none, [], np.zeros(0, bool))
+    def __call__(self, chunk: dict[str, np.ndarray]) -> pa.Table:
+        """A chunk's tiles, ``detect.batch_size`` a forward pass."""
+        count = len(chunk["tile_index"])
+        parts = [
+            self._detect(_take(chunk, slice(start, start + self.batch_size)))
+            for start in range(0, count, self.batch_size)
+        ]
+        return pa.concat_tables(parts) if parts else self._detect(chunk)
 
     def _detect(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["scene_id"])
@@ -229,7 +269,7 @@ class DetectorActor:
         return detections_to_arrow(batch, found, has_data)
 
 
-def _take(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+def _take(batch: dict[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
     return {column: values[rows] for column, values in batch.items()}
 
 

@@ -1,36 +1,20 @@
-"""The driver's share of a run: which scenes are in flight, and the run's report.
-
-The driver holds only scenes in flight (their tiles' tables are in Ray's object store, it
-holds references) and counters: every closed scene leaves one line in the report's scene
-log, on disk, and nothing in memory. Work on a batch of tile results is column-wise Arrow:
-a filter per scene in the batch and one ``ray.put`` of each part.
-"""
+"""The run's report: counters in memory, and one line a closed scene in a file (never held)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import ray
-
-from pipeline.io.ledger import Ledger
 from pipeline.jobs.merging import (
-    SceneJob,
     SceneOutcome,
-    failed_record,
-    merge_scene,
-    scene_context,
 )
-from pipeline.jobs.report import RunProgress, progress_line, run_totals
-from pipeline.redact import redact_text, redact_uri
+from pipeline.jobs.report import run_totals
+from pipeline.redact import redact_text
 
 
 class SceneLog:
@@ -109,174 +93,3 @@ class RunReport:
             line = json.dumps(scene, default=str)
             handle.write(("," if index else "") + "\n    " + redact_text(line))
         handle.write("\n  ]\n}\n")
-
-
-@dataclass
-class _InFlight:
-    """A planned scene whose tiles are still coming back."""
-
-    job: SceneJob
-    received: int = 0
-    parts: list[ray.ObjectRef] = field(default_factory=list)
-
-
-class SceneTracker:
-    """Routes tile results to their scene; launches a scene's merge task when all are in.
-
-    Scenes become known when their plan is drained from the board; their tiles can come
-    back before that (the board is drained in batches), and then wait in ``early``.
-    """
-
-    def __init__(
-        self,
-        board: Any,
-        common: dict,
-        output_root: str,
-        report: RunReport,
-        progress: Callable[[str], None],
-    ) -> None:
-        self.board, self.common, self.output_root = board, common, output_root
-        self.report, self.progress = report, progress
-        self.ledger = Ledger(output_root)
-        self.in_flight: dict[str, _InFlight] = {}
-        self.early: dict[str, list[tuple[ray.ObjectRef, int]]] = {}
-        self.failed: set[str] = set()  # failed this run: their late tiles are dropped
-        self.merging: dict[ray.ObjectRef, str] = {}
-        self.tiles_seen = 0
-        self.tiles_planned = 0
-        self.last_drain = 0.0
-
-    # -- tile results --------------------------------------------------------------------
-
-    def add_batch(self, table: pa.Table) -> None:
-        """One batch of tile results, split by scene, column-wise."""
-        if table.num_rows == 0:
-            return
-        self.tiles_seen += table.num_rows
-        ids = table["scene_id"]
-        names = pc.unique(ids).to_pylist()
-        if len(names) == 1:
-            self._add(names[0], table)
-        else:
-            for name in names:
-                self._add(name, table.filter(pc.equal(ids, name)))
-        self.collect(block=False)
-
-    def _add(self, scene_id: str, part: pa.Table) -> None:
-        if scene_id in self.failed:
-            return
-        if scene_id not in self.in_flight:
-            self.drain(force=True)
-        state = self.in_flight.get(scene_id)
-        if state is None:
-            if scene_id not in self.failed:
-                self.early.setdefault(scene_id, []).append((ray.put(part), part.num_rows))
-            return
-        state.parts.append(ray.put(part))
-        state.received += part.num_rows
-        self._launch_if_complete(scene_id, state)
-
-    def _launch_if_complete(self, scene_id: str, state: _InFlight) -> None:
-        if state.received < state.job.expected:
-            return
-        del self.in_flight[scene_id]
-        self.merging[merge_scene.remote(state.job, *state.parts)] = scene_id
-
-    # -- the board -----------------------------------------------------------------------
-
-    def drain(self, force: bool = False, every_s: float = 0.2) -> None:
-        """Take the board's plans and failures (at most every ``every_s`` unless forced)."""
-        if not force and time.monotonic() - self.last_drain < every_s:
-            return
-        self.last_drain = time.monotonic()
-        planned, failures = ray.get(self.board.drain.remote())
-        for scene_id, tiles, (scene, info) in planned:
-            self._planned(scene_id, tiles, scene, info)
-        for scene_id, error, scene in failures:
-            self.fail(scene_id, error, scene)
-
-    def _planned(self, scene_id: str, tiles: int, scene: dict, info: Any) -> None:
-        context = scene_context(self.common, self.output_root, scene, info)
-        state = _InFlight(SceneJob(context, scene["identity"], tiles, self.output_root))
-        self.in_flight[scene_id] = state
-        self.tiles_planned += tiles
-        for ref, rows in self.early.pop(scene_id, []):
-            state.parts.append(ref)
-            state.received += rows
-        self._launch_if_complete(scene_id, state)
-
-    def fail(self, scene_id: str, error: str, scene: dict | None = None) -> None:
-        """Close a scene as failed: a ledger record, an outcome; its late tiles are dropped."""
-        error = redact_text(error)
-        state = self.in_flight.pop(scene_id, None)
-        self.early.pop(scene_id, None)
-        self.failed.add(scene_id)
-        if state is None and scene is None:
-            return  # closed already (merging or merged): a late post changes nothing
-        if state is not None:
-            identity, uri, tiles = (
-                state.job.identity,
-                state.job.context.scene_uri,
-                state.job.expected,
-            )
-        else:
-            assert scene is not None
-            identity, uri, tiles = scene["identity"], redact_uri(scene["uri"]), 0
-        record = failed_record(scene_id, identity, self.common, error)
-        outcome = SceneOutcome(scene_id, uri, "failed", tiles, error=error)
-        self.ledger.record(record)
-        self.close(outcome)
-
-    def close(self, outcome: SceneOutcome) -> None:
-        self.report.log.add(outcome)
-        if outcome.status == "failed":
-            self.progress(f"  failed {outcome.scene_id}: {outcome.error}")
-        elif outcome.status == "done":
-            self.progress(
-                f"  done {outcome.scene_id}: {outcome.tiles} tiles "
-                f"({outcome.tiles_without_data} without data), {outcome.detections} detections"
-            )
-
-    # -- merges --------------------------------------------------------------------------
-
-    def collect(self, block: bool) -> None:
-        """Record the merges that have finished (all of them, when ``block``)."""
-        if not self.merging:
-            return
-        refs = list(self.merging)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if block else 0)
-        for ref in ready:
-            scene_id = self.merging.pop(ref)
-            try:
-                outcome = ray.get(ref)
-            except Exception as error:  # noqa: BLE001 - the task died past its retries
-                self.failed.add(scene_id)
-                outcome = SceneOutcome(scene_id, "", "failed", error=f"merge/write lost: {error}")
-            self.close(outcome)
-
-    def finish(self, stage_error: str | None) -> None:
-        """The stream has ended: last posts, every merge, and the scenes left incomplete."""
-        self.drain(force=True)
-        self.collect(block=True)
-        for scene_id, state in list(self.in_flight.items()):
-            lost = f"only {state.received} of {state.job.expected} tiles came back"
-            self.fail(scene_id, f"{lost}: {stage_error}" if stage_error else lost)
-
-    def snapshot(self, scenes_to_run: int, busy_s: float) -> RunProgress:
-        """Where the run stands; discovery is over before the stream starts."""
-        counts = self.report.log.counts
-        return RunProgress(
-            scenes_done=counts["done"],
-            scenes_failed=counts["failed"],
-            scenes_skipped=counts["skipped"],
-            scenes_known=scenes_to_run + counts["skipped"],
-            discovery_finished=True,
-            tiles_done=self.tiles_seen,
-            tiles_planned=self.tiles_planned,
-            busy_s=busy_s,
-        )
-
-    def progress_line(self, scenes_to_run: int, busy_s: float) -> str:
-        """The plain line: scenes of this run through (done or failed), skips left out."""
-        through = self.report.count("done") + self.report.count("failed")
-        return progress_line(through, scenes_to_run, self.tiles_seen, self.tiles_planned, busy_s)
