@@ -3,12 +3,13 @@
 Every part runs in its own process (a fresh Ray, a fresh peak RSS); one run prints every
 figure as ``name: value``:
 
-- ``driver_cpu_us_per_tile_sparse`` / ``_dense``: CPU time of the driver process (its Ray
-  Data executor and core-worker threads included) over one ``run_job`` of >= 20,000 tiles of
-  64 px with the ``threshold`` detector, Ray's start and one warm-up run excluded; under one
-  detection a tile, then over 100 a tile.
-- ``object_store_bytes_per_tile_over_pixels``: what every stage's output blocks hold (Ray
-  Data's own block sizes, read back from the dataset's stats) per tile, over the tile's pixels.
+- ``driver_cpu_us_per_tile_sparse`` / ``_dense``: CPU time of the driver process (Ray's
+  core-worker threads included) over one ``run_job`` of >= 20,000 tiles of 64 px with the
+  ``threshold`` detector, Ray's start and one warm-up run excluded; under one detection a
+  tile, then over 100 a tile. ``scene_worker_cpu_us_per_tile_*``: the scene workers' CPU
+  over the same runs (the per-tile bookkeeping, spread over workers on any node).
+- ``object_store_bytes_per_tile_over_pixels``: the bytes of the objects the stages make for
+  a scene (read chunks, detector tables) per tile, over the tile's pixels.
 - ``scale_efficiency_8x``: steady throughput with 8 simulated GPU actors over 1, divided by 8,
   on a 3-node ``ray.cluster_utils.Cluster``. A simulated actor (:class:`SimulatedGPU`, only
   here) sleeps a fixed time per batch and returns one fixed box a tile, so the actors cost no
@@ -36,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.transform import Affine
+
+from pipeline.jobs.stages import DetectorActor, detections_to_arrow
 
 TILE = 64
 OVERLAP = 8
@@ -110,28 +113,29 @@ class Clock:
         return batches
 
 
-class SimulatedGPU:
+class SimulatedGPU(DetectorActor):
     """Detector stage stand-in: sleeps ``DELAY_S`` a batch, returns one fixed box a tile.
 
-    Same constructor and call as ``DetectorActor``; ``DELAY_S`` and ``CLOCK`` are set on a
-    subclass made by :func:`simulated_gpu` (cloudpickle ships it with them by value).
+    A ``DetectorActor`` (same constructor and ``run_chunk``) without a model; ``DELAY_S``
+    and ``CLOCK`` are set on a subclass made by :func:`simulated_gpu` (cloudpickle ships it
+    with them by value).
     """
 
     DELAY_S = 0.0
     CLOCK = None
 
-    def __init__(self, spec_json: str, board: object = None) -> None:
+    def __init__(self, spec_json: str) -> None:
+        from pipeline.config import JobSpec
         from pipeline.model.detector import TileDetections
 
+        self.batch_size = JobSpec.model_validate_json(spec_json).detect.batch_size
         self.found = TileDetections(
             np.array([[10.0, 10.0, 20.0, 20.0]], np.float32),
             np.array([0.9], np.float32),
             np.array([0], np.int16),
         )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> object:
-        from pipeline.jobs.stages import detections_to_arrow
-
+    def _detect(self, batch: dict[str, np.ndarray]) -> object:
         started = time.time()
         count = len(batch["scene_id"])
         time.sleep(self.DELAY_S)
@@ -205,13 +209,64 @@ class ThreadCpu:
         for tid, (name, cpu) in self.last.items():
             if name == "bench sampler":
                 continue
-            kind = "ray_data_executor" if name.startswith("StreamingExecutor") else name
-            by_name[kind] = by_name.get(kind, 0.0) + cpu - self.start.get(tid, (name, 0.0))[1]
+            by_name[name] = by_name.get(name, 0.0) + cpu - self.start.get(tid, (name, 0.0))[1]
         return by_name
 
 
+class RoleCpu:
+    """CPU seconds of this process's descendants (Ray's workers) whose title names ``role``
+    (``ray::SceneWorker``), sampled from /proc until :meth:`stop`: a dead process keeps its
+    last sample."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.last: dict[int, float] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in _descendants(os.getpid()):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if title.startswith(f"ray::{self.role}"):
+                fields = stat[stat.rindex(")") + 2 :].split()
+                self.last[pid] = (int(fields[11]) + int(fields[12])) / tick
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.2):
+            self._sample()
+
+    def stop(self) -> float:
+        self.stopped.set()
+        self.thread.join()
+        self._sample()
+        return sum(self.last.values())
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        found.extend(frontier)
+    return found
+
+
 def part_driver(work: Path, quick: bool) -> dict[str, float]:
-    """Driver CPU per tile at two densities, and the object store's bytes per tile."""
+    """Driver CPU per tile at two densities (and the scene workers'), and the object store's
+    bytes per tile."""
     from pipeline.jobs.ray_session import start_embedded_ray
     from pipeline.jobs.run import run_job
 
@@ -230,29 +285,23 @@ def part_driver(work: Path, quick: bool) -> dict[str, float]:
         write_raster(source, squares(size, pitch, side))
         uris = linked_scenes(source, work / density, scenes)
         spec = job(uris, work / f"out-{density}")
-        cpu_before, threads = time.process_time(), ThreadCpu()
+        cpu_before, threads, workers = time.process_time(), ThreadCpu(), RoleCpu("SceneWorker")
         report = run_job(spec, force=True, progress=lambda line: None)
         cpu_s = time.process_time() - cpu_before
-        by_thread = threads.stop()
+        by_thread, worker_s = threads.stop(), workers.stop()
         assert report.count("done") == scenes, report.failures_by_reason
         figures[f"tiles_{density}"] = report.tiles
         figures[f"detections_per_tile_{density}"] = round(report.detections / report.tiles, 2)
         figures[f"tiles_per_s_{density}"] = round(report.tiles_per_s, 1)
         figures[f"driver_cpu_us_per_tile_{density}"] = round(cpu_s / report.tiles * 1e6, 1)
-        # Where it goes: the main thread (discovery, routing, merges' launch, the report) and
-        # Ray Data's scheduling loop, whose cost follows the run's length more than its tiles.
+        # Where it goes: the main thread (discovery, handing out scenes, the report); the
+        # rest is Ray's own threads in the driver.
         main_us = by_thread.get("MainThread", 0.0) / report.tiles * 1e6
-        executor_s = by_thread.get("ray_data_executor", 0.0)
         figures[f"driver_main_thread_us_per_tile_{density}"] = round(main_us, 1)
-        figures[f"driver_ray_data_executor_us_per_tile_{density}"] = round(
-            executor_s / report.tiles * 1e6, 1
-        )
-        figures[f"driver_ray_data_executor_cpu_share_{density}"] = round(
-            executor_s / report.wall_s, 3
-        )
-        # What a tile adds beyond the CPU a waiting driver spends anyway (Ray Data's
-        # scheduling loop polls ~10 times a second whatever flows): the part that grows
-        # with a cluster's tile rate, where the fixed part does not.
+        # The per-tile bookkeeping the driver no longer does: the scene workers' (all of
+        # them, on any node), for a cluster's sizing.
+        figures[f"scene_worker_cpu_us_per_tile_{density}"] = round(worker_s / report.tiles * 1e6, 1)
+        # What a tile adds beyond the CPU a waiting driver spends anyway.
         marginal_s = cpu_s - idle_share * (report.wall_s - report.ray_start_s)
         figures[f"driver_cpu_us_per_tile_marginal_{density}"] = round(
             max(0.0, marginal_s) / report.tiles * 1e6, 1
@@ -283,32 +332,25 @@ def run_job_quietly(spec: object, detector: type) -> object:
 
 
 def object_store_ratio(spec: object) -> float:
-    """Bytes of every stage's output blocks per tile, over a tile's pixel bytes."""
+    """Bytes a tile puts through the object store, over its pixel bytes: the objects the run's
+    own stages make for one scene (each read task's chunk, on its way to a detector; each
+    detector's table, on its way to the merge task), measured as they come out."""
     import ray
 
     from pipeline.io.discovery import discover_scenes
-    from pipeline.jobs.board import SceneBoard
-    from pipeline.jobs.run import _scene_row, build_dataset
+    from pipeline.jobs.run import scene_row
+    from pipeline.jobs.stages import SceneReads, plan_scene, read_chunk, tile_alignment
 
-    scene = discover_scenes(spec.inputs)[0]
-    board = ray.remote(SceneBoard).options(num_cpus=0).remote()
-    dataset = build_dataset(spec, [_scene_row(scene)], board)
-    tiles = sum(batch.num_rows for batch in dataset.iter_batches(batch_format="pyarrow"))
-    summaries = [dataset._get_stats_summary()]  # Ray Data's record of every block it made
-    for summary in summaries:  # grows as it goes: every parent's stages too
-        summaries.extend(summary.parents)
-    blocks = {
-        op.operator_name: op.output_size_bytes.sum
-        for summary in summaries
-        for op in summary.operators_stats
-        if op.output_size_bytes is not None
-    }
-    # The detector's rows go through twice: out of the actor, then from the driver to the
-    # scene's merge task (SceneTracker puts each scene's part).
-    rows = sum(size for name, size in blocks.items() if "Detector" in name)
-    total = sum(blocks.values()) + rows
-    ray.kill(board)
-    return round(total / (tiles * 3 * TILE * TILE), 3)
+    row = scene_row(discover_scenes(spec.inputs)[0])
+    plan = plan_scene(row, spec.tiling, tile_alignment(spec))
+    how = SceneReads.of(row["scene_id"], row["uri"], plan.info, spec.tiling)
+    detector = DetectorActor(spec.model_dump_json(by_alias=True))
+    step, total = spec.tiling.tiles_per_read_task, 0
+    for first in range(0, plan.tiles, step):
+        cols, rows = plan.cols[first : first + step], plan.rows[first : first + step]
+        chunk = ray.get(read_chunk.remote(how, first, cols, rows))
+        total += sum(values.nbytes for values in chunk.values()) + detector(chunk).nbytes
+    return round(total / (plan.tiles * 3 * TILE * TILE), 3)
 
 
 def _cpu_busy() -> tuple[float, float]:

@@ -481,15 +481,15 @@ def _hashed_model_settings(model: ModelSettings) -> dict[str, Any]:
 
 
 # A tile in flight holds its 3 x H x W uint8 image and its mask (one bit a pixel): 4 bytes a
-# pixel leaves room for the copies Ray Data makes while it turns a batch into a block.
+# pixel leaves room for the copies made on its way (the read's arrays, their object).
 TILE_BYTES_PER_PIXEL = 4
 
 
 def memory_problem(tiling: TilingSettings, detect: DetectSettings) -> str | None:
-    """Why a read task's block or a detector batch cannot fit the in-flight budget, or None.
+    """Why a read task's chunk or a detector batch cannot fit the in-flight budget, or None.
 
-    Ray Data holds whole blocks: a block larger than ``detect.inflight_mb_per_actor`` is not
-    slowed down by the budget, it overruns it (and a huge tile would take a node's memory down
+    A read task's chunk is held whole: a chunk larger than ``detect.inflight_mb_per_actor`` is
+    not slowed down by the budget, it overruns it (and a huge tile would take a node's memory down
     mid-run). Refused here, before any scene is opened, with the fields to change.
     """
     tile_mb = tiling.tile_size**2 * TILE_BYTES_PER_PIXEL / 2**20

@@ -39,35 +39,23 @@ def _print_report(report: object) -> None:
 
 
 def run_with_display(spec: Any, console: Console, **options: Any) -> Any:
-    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere;
-    with ``-v`` Ray Data's own progress bars too."""
+    """``run_job`` with the run's progress shown: a live bar on a terminal, lines elsewhere
+    (and with ``-v``, whose log lines would break a bar)."""
     from pipeline.cli.progress import PlainProgress, open_display
     from pipeline.jobs.run import run_job
 
     display = open_display(console.out, plain=True if console.verbose else None)
-    if console.verbose:
-        _ray_data_rich_bars()
     try:
         return run_job(
             spec,
             progress=display.line,
             on_progress=display.update,
-            ray_progress_bars=console.verbose,
             **options,
         )
     finally:
         display.close()
         if not isinstance(display, PlainProgress):
             console.out.flush()
-
-
-def _ray_data_rich_bars() -> None:
-    """Ray Data draws its bars with rich (a dependency of ours) rather than tqdm (not one)."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_rich_progress_bars = True
-    context.use_ray_tqdm = False
 
 
 def cmd_run(args: argparse.Namespace) -> int:

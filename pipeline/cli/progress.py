@@ -82,7 +82,7 @@ class BarProgress:
 def open_display(out: IO[str], plain: bool | None = None) -> RunDisplay:
     """A bar when ``out`` is a terminal (``plain`` None: decided by ``out``), else lines.
 
-    ``georetina -v`` asks for lines: Ray Data's own bars then have the terminal to themselves.
+    ``georetina -v`` asks for lines: Ray's and GDAL's log lines would break a bar.
     """
     console = RichConsole(file=out)
     if plain is None:

@@ -74,15 +74,12 @@ def run_job(
     progress_every_s: float = 10.0,
     detector_actor: type = DetectorActor,
     on_progress: Callable[[RunProgress], None] | None = None,
-    ray_progress_bars: bool = False,
 ) -> RunReport:
     """Run a job to the end and return its report; one bad scene never stops the others.
 
     Every ``progress_every_s`` and once at the end, the run's progress goes to
     ``on_progress`` as a :class:`RunProgress` when given (a progress bar), else to
     ``progress`` as a plain line; scenes done and failed always go to ``progress``.
-
-    ``ray_progress_bars`` (``georetina -v``) lets Ray's own log lines through.
 
     ``detector_actor`` replaces the detector stage's class (same constructor and
     ``run_chunk``) for benchmarks and fault tests: a simulated GPU, a detector that fails.
@@ -102,8 +99,6 @@ def run_job(
         before_ray = time.perf_counter()
         ensure_ray(address)
         report.ray_start_s = time.perf_counter() - before_ray
-        if not ray_progress_bars:
-            logging.getLogger("ray").setLevel(logging.WARNING)
         detect = spec.detect
         check_object_store(detect.num_actors, detect.inflight_mb_per_actor)
         # The largest task a tile must pass through; merge tasks take less.
