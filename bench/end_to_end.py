@@ -5,8 +5,7 @@ Two cases, each printing ``name: value`` lines:
 ``--case model`` (default size 8192): a synthetic COG (3-band uint8, UTM) through the real
 job on an embedded Ray (RetinaNet ResNet-18 FPN, CPU, one detector actor using every
 core), against the bare model's forward over the same tiles (already in memory) with the same
-batch size, one single-threaded process per core (the job's own layout until it was found to leave
-less than the one CPU Ray Data's repartition tasks take). The job's time counts
+batch size, one single-threaded process per core. The job's time counts
 everything from `run_job` to the last file written: pre-flight, actor start-up (importing
 torch and torchvision), reads, inference, merge and write.
 

@@ -14,12 +14,13 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayError
 
 from pipeline.config import JobSpec
 from pipeline.errors import GeoRetinaError, SceneError
@@ -62,6 +63,9 @@ SCENES_QUEUED_PER_WORKER = 4
 ACTORS_PER_WORKER = 4
 # The driver's own stall guard, beyond the workers' (a worker stuck where no clock runs).
 DRIVER_STALL_GRACE_S = 60.0
+# A scene whose worker was lost goes out again after this long (a lost node's actors answer
+# "unavailable" at once until Ray knows the node is dead: those answers are not attempts).
+HAND_AGAIN_AFTER_S = 1.0
 
 
 def run_job(
@@ -252,9 +256,11 @@ class Flow:
         self.progress_every_s, self.started = progress_every_s, started
         self.detector_actor, self.on_progress = detector_actor, on_progress
         self.handed: dict[ray.ObjectRef, _Handed] = {}
+        self.again: deque[tuple[float, _Handed]] = deque()  # (when, scene): to hand out again
         self.scenes_handed = 0
         self.stop_reason: str | None = None  # set: no more scenes are handed out
         self.tiles_status = (0, 0)  # planned, detected: the workers' last word
+        self.tiles_closed = 0  # tiles planned by the scenes closed so far
         self.last_change = time.monotonic()
 
     def run(self, feed: SceneFeed) -> None:
@@ -266,7 +272,9 @@ class Flow:
             self._stream()
         finally:
             self._release()
-        self._report_progress()  # the last word: every scene is in
+        # The last word, every scene in: tiles detected, of those planned by closed scenes.
+        self.tiles_status = (self.tiles_closed, self.report.tiles)
+        self._report_progress()
         closed = self.report.count("done") + self.report.count("failed")
         while feed.next() is not None:  # counted, so the report can say what was left
             pass
@@ -281,9 +289,13 @@ class Flow:
         last_report = time.perf_counter()
         while True:
             self._hand_out()
-            if not self.handed:
+            if not self.handed and not self.again:
                 return
-            ready, _ = ray.wait(list(self.handed), num_returns=len(self.handed), timeout=1.0)
+            if self.handed:
+                ready, _ = ray.wait(list(self.handed), num_returns=len(self.handed), timeout=1.0)
+            else:
+                ready = []
+                time.sleep(HAND_AGAIN_AFTER_S)
             for ref in ready:
                 self._take(ref)
             if time.perf_counter() - last_report >= self.progress_every_s:
@@ -294,6 +306,12 @@ class Flow:
 
     def _hand_out(self) -> None:
         room = SCENES_PER_WORKER + SCENES_QUEUED_PER_WORKER
+        while self.again and self.again[0][0] <= time.monotonic():
+            _, handed = self.again.popleft()
+            if self.stop_reason is None:
+                self._hand(_Handed(handed.row, self.load.index(min(self.load)), handed.attempt))
+            else:
+                self._fail(handed.row, f"tiles lost: {self.stop_reason}")
         while self.stop_reason is None and min(self.load) < room:
             row = self.feed.next()
             if row is None:
@@ -312,17 +330,20 @@ class Flow:
     def _take(self, ref: ray.ObjectRef) -> None:
         handed = self.handed.pop(ref)
         self.load[handed.worker] -= 1
-        self.last_change = time.monotonic()
         try:
             result: SceneResult = ray.get(ref)
+        except ActorUnavailableError:  # its node is lost, and Ray does not know it yet
+            self.again.append((time.monotonic() + HAND_AGAIN_AFTER_S, handed))
+            return
         except RayError as error:  # the worker died (its node was lost): the scene again
             if handed.attempt >= MAX_ATTEMPTS:
                 died = f"its scene worker died {MAX_ATTEMPTS} times: {first_line(error)}"
                 self._fail(handed.row, str(SceneError(handed.row["scene_id"], died)))
             else:
-                spare = self.load.index(min(self.load))
-                self._hand(_Handed(handed.row, spare, handed.attempt + 1))
+                handed.attempt += 1
+                self.again.append((time.monotonic() + HAND_AGAIN_AFTER_S, handed))
             return
+        self.last_change = time.monotonic()
         self.report.tiles += result.tiles_back
         if result.stalled and self.stop_reason is None:
             self.stop_reason = result.outcome.error.split("tiles lost: ", 1)[-1]
@@ -339,6 +360,7 @@ class Flow:
 
     def _close(self, outcome: SceneOutcome) -> None:
         self.report.log.add(outcome)
+        self.tiles_closed += outcome.tiles
         if outcome.status == "failed":
             self.progress(f"  failed {outcome.scene_id}: {outcome.error}")
         elif outcome.status == "done":
@@ -351,8 +373,13 @@ class Flow:
         """The workers' tile counts, from those that answer within a few seconds."""
         asked = [worker.status.remote() for worker in self.workers]
         ready, _ = ray.wait(asked, num_returns=len(asked), timeout=5.0)
-        counts = [ray.get(ref) for ref in ready] if len(ready) == len(asked) else []
-        if counts:
+        counts = []
+        for ref in ready:
+            try:
+                counts.append(ray.get(ref))
+            except RayError:  # a worker lost with its node: its scenes come back as errors
+                pass
+        if len(counts) == len(asked):
             status = (sum(c[0] for c in counts), sum(c[1] for c in counts))
             if status[1] != self.tiles_status[1]:
                 self.last_change = time.monotonic()
@@ -376,20 +403,26 @@ class Flow:
     def _report_progress(self) -> None:
         counts = self.report.log.counts
         busy = time.perf_counter() - self.started - self.report.ray_start_s
-        snapshot = RunProgress(
-            scenes_done=counts["done"],
-            scenes_failed=counts["failed"],
-            scenes_skipped=counts["skipped"],
-            scenes_known=self.feed.found,
-            discovery_finished=self.feed.finished,
-            tiles_done=max(self.tiles_status[1], 0),
-            tiles_planned=self.tiles_status[0],
-            busy_s=busy,
-        )
+        planned, done = self.tiles_status
         if self.on_progress is not None:
-            self.on_progress(snapshot)
-        else:
-            self.progress(f"  {snapshot.line()}")
+            self.on_progress(
+                RunProgress(
+                    counts["done"],
+                    counts["failed"],
+                    counts["skipped"],
+                    self.feed.found,
+                    self.feed.finished,
+                    done,
+                    planned,
+                    busy,
+                )
+            )
+            return
+        # The plain line counts this run's scenes through, failed or done, skips left out.
+        through = counts["done"] + counts["failed"]
+        to_run = self.feed.found - counts["skipped"]
+        line = RunProgress(through, 0, 0, to_run, self.feed.finished, done, planned, busy).line()
+        self.progress(f"  {line}")
 
     def _release(self) -> None:
         """The run's actors go, whatever ended it: a notebook or a service runs many jobs in
