@@ -152,7 +152,9 @@ def simulated_gpu(delay_s: float, clock: object) -> type:
 # -- parts (each in its own process) ---------------------------------------------------------
 
 
-def job(inputs: list, out: Path, **detect: object) -> object:
+def job(
+    inputs: list, out: Path, tiles_per_read_task: int = TILES_PER_BLOCK, **detect: object
+) -> object:
     from pipeline.config import parse_job
 
     settings = {"batch_size": TILES_PER_BLOCK, "num_actors": 1, "torch_threads": 1}
@@ -163,7 +165,7 @@ def job(inputs: list, out: Path, **detect: object) -> object:
             "tiling": {
                 "tile_size": TILE,
                 "overlap": OVERLAP,
-                "tiles_per_read_task": TILES_PER_BLOCK,
+                "tiles_per_read_task": tiles_per_read_task,
             },
             "detect": {**settings, **detect},
             "output": {"path": str(out)},
@@ -404,11 +406,12 @@ def part_scale(work: Path, quick: bool) -> dict[str, float | str]:
         spec = job(
             uris,
             work / f"out-scale-{actors}",
+            tiles_per_read_task=batch,  # one batch a call: the actors share scenes finely
             num_actors=actors,
             batch_size=batch,
             num_gpus_per_actor=1,
             num_cpus_per_actor=0.01,
-            inflight_mb_per_actor=32,  # 8 blocks of 256 tiles of 64 px
+            inflight_mb_per_actor=32,  # 40 chunks of 64 tiles of 64 px
         )
         cpu_before, busy_before = time.process_time(), _cpu_busy()
         started = time.perf_counter()
