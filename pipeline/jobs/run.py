@@ -23,12 +23,12 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
 from pipeline.config import JobSpec
-from pipeline.errors import GeoRetinaError, SceneError
+from pipeline.errors import SceneError
 from pipeline.io.discovery import iter_scenes
 from pipeline.io.ledger import Ledger
 from pipeline.io.scenes import Scene
 from pipeline.io.writable import check_output_writable
-from pipeline.jobs.merging import SceneOutcome, failed_record
+from pipeline.jobs.merging import MERGE_TASK_CPUS, SceneOutcome, failed_record
 from pipeline.jobs.ray_session import (
     ALLOCATOR_ENV,
     check_layout_fits,
@@ -452,17 +452,25 @@ def _finish(report: RunReport, started: float, output_root: str) -> RunReport:
 
 
 def _run_map(report: RunReport, output_root: str) -> str | None:
-    """``_runs/<run_id>.png``; a map that cannot be drawn is logged, never fails the run."""
+    """``_runs/<run_id>.png``, drawn by a Ray task (it reads every detection's box: not the
+    driver's work); a map that cannot be drawn is logged, never fails the run."""
+    outputs = [s.output for s in report.log.outcomes() if s.status == "done" and s.detections]
+    if not outputs:  # no scene done with detections, and then maybe no Ray started
+        return None
+    destination = f"{output_root.rstrip('/')}/_runs/{report.run_id}.png"
+    try:
+        return ray.get(draw_run_map.remote(outputs, destination))
+    except RayError as error:
+        log.warning("run map not drawn: %s", first_line(getattr(error, "cause", None) or error))
+        return None
+
+
+@ray.remote(num_cpus=MERGE_TASK_CPUS)
+def draw_run_map(outputs: list[str], destination: str) -> str | None:
+    """Ray task: :func:`pipeline.io.quicklook.render_run_map`."""
     from pipeline.io.quicklook import render_run_map
 
-    outputs = [s.output for s in report.log.outcomes() if s.status == "done" and s.detections]
-    if not outputs:
-        return None
-    try:
-        return render_run_map(outputs, f"{output_root.rstrip('/')}/_runs/{report.run_id}.png")
-    except (GeoRetinaError, OSError) as error:
-        log.warning("run map not drawn: %s", error)
-        return None
+    return render_run_map(outputs, destination)
 
 
 def compact_after_run(spec: JobSpec, report: RunReport, progress: Callable[[str], None]) -> None:
