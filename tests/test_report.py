@@ -8,10 +8,10 @@ from pyproj import CRS
 from pipeline.config import parse_job
 from pipeline.io.synthetic import plan_objects, write_scene
 from pipeline.jobs.report import (
+    RunProgress,
     failure_reason,
     footprint_km2,
     format_duration,
-    progress_line,
     run_totals,
     summary_lines,
 )
@@ -38,9 +38,9 @@ def test_footprint_area_in_any_crs():
 
 def test_durations_and_progress_with_eta():
     assert [format_duration(v) for v in (5, 185, 3720, None)] == ["5s", "3m05s", "1h02m", "?"]
-    line = progress_line(3, 10, 120, 400, busy_s=60.0)
+    line = RunProgress(3, 0, 0, 10, True, 120, 400, busy_s=60.0).line()
     assert line == "scenes 3/10, tiles 120/400 (30%), 2.00 tiles/s, ETA 2m20s"
-    assert progress_line(0, 1, 0, 10, busy_s=0.0).endswith("ETA ?")
+    assert RunProgress(0, 0, 0, 1, True, 0, 10, busy_s=0.0).line().endswith("ETA ?")
 
 
 def test_totals_group_failures_and_classes():

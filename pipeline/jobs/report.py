@@ -117,16 +117,6 @@ class RunProgress:
         )
 
 
-def progress_line(
-    scenes_done: int, scenes_total: int, tiles_done: int, tiles_total: int, busy_s: float
-) -> str:
-    """``scenes 3/10, tiles 120/400 (30%), 2.10 tiles/s, ETA 2m13s``: a finished discovery's
-    :meth:`RunProgress.line` with ``scenes_done`` scenes through and none told apart."""
-    return RunProgress(
-        scenes_done, 0, 0, scenes_total, True, tiles_done, tiles_total, busy_s
-    ).line()
-
-
 _SCENE_PREFIX = re.compile(r"^scene \S+: ")
 
 

@@ -219,7 +219,6 @@ class SceneRun:
                 # Only what can be used at once is wanted: a scene that waits for read slots
                 # must not hold back the calls of younger scenes whose reads free them.
                 self.worker.reads.want(self.order, bool(starts))
-                self.worker.calls.want(self.order, bool(self.read))
                 idle = not self.pending  # nothing of ours to wait for: wait for a slot
                 while starts and self.worker.reads.acquire(
                     self.order, POLL_S if idle and not self.read else 0
