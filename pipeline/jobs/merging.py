@@ -1,5 +1,6 @@
 """A scene's end, as a Ray task: its tiles' detections → band-by-band merge → GeoParquet →
-the ledger. Many run at once, on any node; the driver only hands each its tiles' tables."""
+the ledger. Many run at once, on any node; a scene worker hands each its tiles' tables by
+reference (they go from the detector actors to the task without passing through it)."""
 
 from __future__ import annotations
 
