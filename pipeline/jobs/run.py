@@ -42,6 +42,7 @@ from pipeline.jobs.stages import (
     DetectorActor,
     chunk_bytes,
     first_line,
+    stall_reason,
     tile_alignment,
 )
 from pipeline.jobs.tracking import RunReport
@@ -212,7 +213,7 @@ def start_detectors(spec: JobSpec, detector_actor: type, run_id: str) -> dict[st
     return {name: actor.options(name=name, **options).remote(spec_json) for name in names}
 
 
-def start_workers(spec: JobSpec, report: RunReport, detectors: list[str]) -> list[Any]:
+def start_workers(spec: JobSpec, common: dict, detectors: list[str]) -> list[Any]:
     """Scene workers, one for every ``ACTORS_PER_WORKER`` detectors; they share the
     run's read-ahead budget (``detect.inflight_mb_per_actor`` per actor)."""
     detect = spec.detect
@@ -220,9 +221,7 @@ def start_workers(spec: JobSpec, report: RunReport, detectors: list[str]) -> lis
     budget = detect.num_actors * detect.inflight_mb_per_actor * 2**20
     chunk = chunk_bytes(spec.tiling.tiles_per_read_task, spec.tiling.tile_size)
     per_worker = max(2, budget // chunk // count)
-    setup = WorkerSetup(
-        spec, merge_common(spec, report), tile_alignment(spec), per_worker, detect.stall_timeout_s
-    )
+    setup = WorkerSetup(spec, common, tile_alignment(spec), per_worker, detect.stall_timeout_s)
     worker = ray.remote(concurrency_groups={"status": 1})(SceneWorker).options(
         num_cpus=0,
         max_restarts=-1,  # a lost node: the driver hands its scenes out again
@@ -262,11 +261,12 @@ class Flow:
         self.tiles_status = (0, 0)  # planned, detected: the workers' last word
         self.tiles_closed = 0  # tiles planned by the scenes closed so far
         self.last_change = time.monotonic()
+        self.common = merge_common(spec, report)  # the merge's run-wide fields, and the ledger's
 
     def run(self, feed: SceneFeed) -> None:
         self.feed = feed
         self.detectors = start_detectors(self.spec, self.detector_actor, self.report.run_id)
-        self.workers = start_workers(self.spec, self.report, list(self.detectors))
+        self.workers = start_workers(self.spec, self.common, list(self.detectors))
         self.load = [0] * len(self.workers)
         try:
             self._stream()
@@ -309,7 +309,7 @@ class Flow:
         while self.again and self.again[0][0] <= time.monotonic():
             _, handed = self.again.popleft()
             if self.stop_reason is None:
-                self._hand(_Handed(handed.row, self.load.index(min(self.load)), handed.attempt))
+                self._hand(_Handed(handed.row, self._least_loaded(), handed.attempt))
             else:
                 self._fail(handed.row, f"tiles lost: {self.stop_reason}")
         while self.stop_reason is None and min(self.load) < room:
@@ -319,7 +319,10 @@ class Flow:
             if row["problem"]:  # known bad at discovery (a STAC item without the asset)
                 self._fail(row, str(SceneError(row["scene_id"], row["problem"])))
             else:
-                self._hand(_Handed(row, self.load.index(min(self.load))))
+                self._hand(_Handed(row, self._least_loaded()))
+
+    def _least_loaded(self) -> int:
+        return self.load.index(min(self.load))
 
     def _hand(self, handed: _Handed) -> None:
         self.load[handed.worker] += 1
@@ -352,9 +355,8 @@ class Flow:
     def _fail(self, row: dict[str, str], error: str) -> None:
         """A scene failed here, not in a worker: its ledger record and outcome."""
         error = redact_text(error)
-        common = merge_common(self.spec, self.report)
         Ledger(self.spec.output.path).record(
-            failed_record(row["scene_id"], row["identity"], common, error)
+            failed_record(row["scene_id"], row["identity"], self.common, error)
         )
         self._close(SceneOutcome(row["scene_id"], redact_uri(row["uri"]), "failed", error=error))
 
@@ -394,7 +396,7 @@ class Flow:
         self._poll_workers()
         if time.monotonic() - self.last_change < stall_s + DRIVER_STALL_GRACE_S:
             return
-        reason = f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"
+        reason = stall_reason(stall_s)
         self.stop_reason = self.stop_reason or reason
         for ref, handed in list(self.handed.items()):
             del self.handed[ref]

@@ -48,6 +48,11 @@ def first_line(error: BaseException, limit: int = 500) -> str:
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+def stall_reason(stall_s: float) -> str:
+    """Why the scenes in flight fail when nothing comes back (a worker's and the driver's)."""
+    return f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"
+
+
 def tile_alignment(spec: JobSpec) -> int:
     """What the job's tile offsets are multiples of: the model's coarsest feature grid, so
     tiles see what the whole image would (:func:`pipeline.ops.tiles.plan_alignment`)."""

@@ -32,6 +32,7 @@ from pipeline.jobs.stages import (
     first_line,
     plan_scene,
     read_chunk,
+    stall_reason,
 )
 from pipeline.redact import redact_text, redact_uri
 
@@ -237,10 +238,7 @@ class SceneRun:
                 if error is not None:
                     return error, False
                 if self.worker.stalled():
-                    stall = (
-                        f"no tile came back for {self.setup.stall_s:g} s (detect.stall_timeout_s)"
-                    )
-                    return self.lost(plan.tiles, stall), True
+                    return self.lost(plan.tiles, stall_reason(self.setup.stall_s)), True
             return None, False
         finally:
             self.worker.reads.want(self.order, False)
