@@ -221,7 +221,7 @@ def start_workers(spec: JobSpec, common: dict, detectors: list[str]) -> list[Any
     budget = detect.num_actors * detect.inflight_mb_per_actor * 2**20
     chunk = chunk_bytes(spec.tiling.tiles_per_read_task, spec.tiling.tile_size)
     per_worker = max(2, budget // chunk // count)
-    setup = WorkerSetup(spec, common, tile_alignment(spec), per_worker, detect.stall_timeout_s)
+    setup = WorkerSetup(spec, common, tile_alignment(spec), per_worker)
     worker = ray.remote(concurrency_groups={"status": 1})(SceneWorker).options(
         num_cpus=0,
         max_restarts=-1,  # a lost node: the driver hands its scenes out again
@@ -349,7 +349,7 @@ class Flow:
         self.last_change = time.monotonic()
         self.report.tiles += result.tiles_back
         if result.stalled and self.stop_reason is None:
-            self.stop_reason = result.outcome.error.split("tiles lost: ", 1)[-1]
+            self.stop_reason = stall_reason(self.spec.detect.stall_timeout_s)
         self._close(result.outcome)
 
     def _fail(self, row: dict[str, str], error: str) -> None:

@@ -85,7 +85,6 @@ class WorkerSetup:
     common: dict  # the merge context's run-wide fields (:func:`pipeline.jobs.run.merge_common`)
     align: int  # tile offsets' multiple: the model's largest stride
     chunks_in_flight: int  # per worker: chunks read and not yet detected
-    stall_s: float  # no chunk back for this long: the worker's scenes fail
 
 
 @dataclass
@@ -156,7 +155,10 @@ class SceneWorker:
     def stalled(self) -> bool:
         with self.lock:
             waiting = self.in_flight > 0
-            return waiting and time.monotonic() - self.last_back > self.setup.stall_s
+            return (
+                waiting
+                and time.monotonic() - self.last_back > self.setup.spec.detect.stall_timeout_s
+            )
 
 
 @dataclass
@@ -238,7 +240,9 @@ class SceneRun:
                 if error is not None:
                     return error, False
                 if self.worker.stalled():
-                    return self.lost(plan.tiles, stall_reason(self.setup.stall_s)), True
+                    return self.lost(
+                        plan.tiles, stall_reason(self.setup.spec.detect.stall_timeout_s)
+                    ), True
             return None, False
         finally:
             self.worker.reads.want(self.order, False)
