@@ -251,6 +251,8 @@ class DetectorActor:
             self._death_log().end()
 
     def _death_log(self) -> DeathLog:
+        # Made on first use, not in __init__: a subclass (a benchmark's simulated GPU) builds
+        # no detector and need not call it.
         if not hasattr(self, "_deaths"):
             self._deaths = DeathLog(ray.get_runtime_context().get_actor_id())
         return self._deaths
