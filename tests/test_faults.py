@@ -164,12 +164,15 @@ def test_a_killed_detector_actor_is_restarted_and_its_batches_run_again(
     # As the run plans: offsets on the RetinaNet's coarsest feature grid.
     total = RETINANET_SCENES * len(plan_tiles(SIZE, SIZE, TILE, OVERLAP, tile_alignment(spec)))
     killed: list[tuple[list[int], int]] = []  # (pids, tiles the driver had seen)
+    # A run's killed actors exit a moment after it returns: the previous run's may still be
+    # on their way out, and are not this run's.
+    earlier = set(detector_actors())
 
     def kill_once(line: str) -> None:
         if killed or not line.strip().startswith("scenes "):
             return
         seen = int(line.split("tiles ", 1)[1].split("/", 1)[0])
-        pids = detector_actors()
+        pids = [pid for pid in detector_actors() if pid not in earlier]
         if not pids:  # the driver reports from the start: the actor may not be up yet
             return
         for pid in pids:
