@@ -123,11 +123,22 @@ def silent_server():
         conn.close()
 
 
+# The run under Ctrl-C as from a terminal: a suite started in the background of a script
+# inherits SIGINT ignored (POSIX shells do that to background jobs), and a Python started
+# with SIGINT ignored keeps ignoring it; reset it before the command starts.
+WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
 def test_ctrl_c_is_130_and_says_how_to_resume(tmp_path, silent_server):
     url, accepted = silent_server
     job = write_job(tmp_path, inputs=[{"stac": {"api": url, "asset": "visual"}}])
     process = subprocess.Popen(
-        [str(GEORETINA), "run", str(job)],
+        [*WITH_CTRL_C, str(GEORETINA), "run", str(job)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
