@@ -138,9 +138,37 @@ def test_a_layout_that_leaves_no_cpu_for_reads_is_refused(ray_session, archive, 
 
 
 @pytest.mark.timeout(300)
+def test_a_detector_that_cannot_start_stops_the_run_with_its_reason(
+    ray_session, archive, tmp_path, monkeypatch
+):
+    """A detector whose constructor raises (a model that cannot load, a GPU out of memory)
+    is dead for good: the scene in flight fails with that error, and the run stops instead
+    of failing every other scene on it; those are left to the next run."""
+    import pipeline.jobs.run as run
+
+    monkeypatch.setattr(run, "SCENES_PER_WORKER", 1)  # one scene in flight at a time
+    monkeypatch.setattr(run, "SCENES_QUEUED_PER_WORKER", 0)
+
+    class CannotStart(DetectorActor):
+        def __init__(self, spec_json: str) -> None:
+            raise RuntimeError("CUDA out of memory (a test's detector)")
+
+    output = tmp_path / "out"
+    spec = parse_job(threshold_job(sorted(archive.glob("*.tif")), output))
+    lines: list[str] = []
+    report = run_job(spec, progress=lines.append, detector_actor=CannotStart)
+    reason = "could not start: RuntimeError: CUDA out of memory (a test's detector)"
+    (failed,) = report.scenes
+    assert failed.status == "failed" and reason in failed.error, failed
+    assert report.scenes_not_started == SCENES - 1
+    assert any(line.startswith("  the run stops: ") and reason in line for line in lines), lines
+    assert [r.status for r in Ledger(str(output)).records()] == ["failed"]
+
+
+@pytest.mark.timeout(300)
 def test_a_run_stalled_before_its_first_batch_gives_its_actors_back(ray_session, archive, tmp_path):
-    """No batch ever comes out, so Ray Data never hands the dataset its executor: the run
-    still stops it when the stall timeout ends the run, and the actor's CPU is free again."""
+    """No chunk is ever detected: the stall timeout ends the run, the scenes in flight fail
+    with it, and the run's actors are gone: their CPUs are free again."""
     import time
 
     class NeverReady(DetectorActor):  # defined here: Ray ships a local class by value
@@ -164,9 +192,8 @@ def test_a_run_stalled_before_its_first_batch_gives_its_actors_back(ray_session,
 def test_two_actors_that_leave_a_cpu_free_give_the_clean_rows(
     ray_session, archive, clean, tmp_path
 ):
-    """Two detector actors of 0.5 CPU on the session's 2: the repartition's 1-CPU tasks and
-    the reads still fit, and the rows are the one-actor run's. (Two of 0.75 hung before their
-    first tile; the layout check now refuses them.)"""
+    """Two detector actors of 0.5 CPU on the session's 2: the read tasks still fit, and the
+    rows are the one-actor run's."""
     output = tmp_path / "out"
     spec = parse_job(
         threshold_job(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from pipeline.config import JobSpec
 from pipeline.errors import SceneError
@@ -41,6 +41,7 @@ from pipeline.jobs.stages import (
     READ_TASK_CPUS,
     DetectorActor,
     chunk_bytes,
+    could_not_start,
     first_line,
     stall_reason,
     tile_alignment,
@@ -266,6 +267,8 @@ class Flow:
     def run(self, feed: SceneFeed) -> None:
         self.feed = feed
         self.detectors = start_detectors(self.spec, self.detector_actor, self.report.run_id)
+        # Each detector's start: a constructor that raises stops the run (_check_detectors).
+        self.starting = [actor.__ray_ready__.remote() for actor in self.detectors.values()]
         self.workers = start_workers(self.spec, self.common, list(self.detectors))
         self.load = [0] * len(self.workers)
         try:
@@ -288,6 +291,7 @@ class Flow:
     def _stream(self) -> None:
         last_report = time.perf_counter()
         while True:
+            self._check_detectors()
             self._hand_out()
             if not self.handed and not self.again:
                 return
@@ -339,7 +343,13 @@ class Flow:
             self.again.append((time.monotonic() + HAND_AGAIN_AFTER_S, handed))
             return
         except RayError as error:  # the worker died (its node was lost): the scene again
-            if handed.attempt >= MAX_ATTEMPTS:
+            if isinstance(error, RayActorError) and error.actor_init_failed:  # dead for good
+                # A worker cannot start when a detector it looks up is dead: say why that is.
+                self._check_detectors(timeout=10.0)
+                self._stop(could_not_start("a scene worker", error))
+            if self.stop_reason is not None:
+                self._fail(handed.row, f"tiles lost: {self.stop_reason}")
+            elif handed.attempt >= MAX_ATTEMPTS:
                 died = f"its scene worker died {MAX_ATTEMPTS} times: {first_line(error)}"
                 self._fail(handed.row, str(SceneError(handed.row["scene_id"], died)))
             else:
@@ -348,9 +358,31 @@ class Flow:
             return
         self.last_change = time.monotonic()
         self.report.tiles += result.tiles_back
-        if result.stalled and self.stop_reason is None:
-            self.stop_reason = stall_reason(self.spec.detect.stall_timeout_s)
+        if result.stop:
+            self._stop(result.stop)
         self._close(result.outcome)
+
+    def _stop(self, reason: str) -> None:
+        """No more scenes are handed out, and the run says why (the first reason stands)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.progress(f"  the run stops: {reason}")
+
+    def _check_detectors(self, timeout: float = 0.0) -> None:
+        """A detector whose constructor raised (a model that cannot load, a GPU out of
+        memory) is dead for good: the run stops rather than fail every scene on it."""
+        if not self.starting:
+            return
+        ready, _ = ray.wait(self.starting, num_returns=len(self.starting), timeout=timeout)
+        for ref in ready:
+            self.starting.remove(ref)
+            try:
+                ray.get(ref)
+            except RayActorError as error:
+                if error.actor_init_failed:
+                    self._stop(could_not_start("a detector", error))
+            except RayError:  # lost with its node before it started: Ray starts it again
+                pass
 
     def _fail(self, row: dict[str, str], error: str) -> None:
         """A scene failed here, not in a worker: its ledger record and outcome."""
@@ -397,7 +429,7 @@ class Flow:
         if time.monotonic() - self.last_change < stall_s + DRIVER_STALL_GRACE_S:
             return
         reason = stall_reason(stall_s)
-        self.stop_reason = self.stop_reason or reason
+        self._stop(reason)
         for ref, handed in list(self.handed.items()):
             del self.handed[ref]
             self._fail(handed.row, f"tiles lost: {reason}")

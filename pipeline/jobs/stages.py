@@ -48,6 +48,14 @@ def first_line(error: BaseException, limit: int = 500) -> str:
     return (lines[0] if lines else type(error).__name__)[:limit]
 
 
+def could_not_start(what: str, error: BaseException) -> str:
+    """Why an actor whose constructor raised is dead for good (Ray restarts a lost process,
+    not a constructor's error): that error, the last line of its traceback (Ray's first line
+    only names the actor)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{what} could not start: {lines[-1][:500] if lines else type(error).__name__}"
+
+
 def stall_reason(stall_s: float) -> str:
     """Why the scenes in flight fail when nothing comes back (a worker's and the driver's)."""
     return f"no tile came back for {stall_s:g} s (detect.stall_timeout_s)"

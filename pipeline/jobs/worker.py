@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from pipeline.config import JobSpec
 from pipeline.errors import SceneError
@@ -29,6 +29,7 @@ from pipeline.jobs.stages import (
     ReadFailed,
     ScenePlan,
     SceneReads,
+    could_not_start,
     first_line,
     plan_scene,
     read_chunk,
@@ -89,12 +90,13 @@ class WorkerSetup:
 
 @dataclass
 class SceneResult:
-    """What a worker says of one scene: its outcome, tiles detected, and whether the run
-    stalled (no tile came back for ``detect.stall_timeout_s``)."""
+    """What a worker says of one scene: its outcome, tiles detected, and why the run must
+    stop, if this scene's failure says so: a stall (no tile came back for
+    ``detect.stall_timeout_s``) or a detector that cannot start."""
 
     outcome: SceneOutcome
     tiles_back: int = 0
-    stalled: bool = False
+    stop: str | None = None
 
 
 class SceneWorker:
@@ -181,6 +183,7 @@ class SceneRun:
         self.pending: dict[ray.ObjectRef, _Chunk] = {}  # detector calls: error ref -> chunk
         self.tables: list[tuple[int, ray.ObjectRef]] = []
         self.tiles_back = 0
+        self.stop: str | None = None  # why the run must stop (a stall, a dead detector)
 
     def run(self) -> SceneResult:
         spec = self.setup.spec
@@ -193,9 +196,9 @@ class SceneRun:
                 error = SceneError(self.scene_id, first_line(error))
             return self.failed(str(error), 0)
         self.worker.planned(plan.tiles)
-        error, stalled = self.detect_all(plan)
+        error = self.detect_all(plan)
         if error is not None:
-            return self.failed(error, plan.tiles, stalled)
+            return self.failed(error, plan.tiles)
         context = scene_context(self.setup.common, spec.output.path, self.scene, plan.info)
         job = SceneJob(context, self.scene["identity"], plan.tiles, spec.output.path)
         refs = [table for _, table in sorted(self.tables, key=lambda part: part[0])]
@@ -210,9 +213,9 @@ class SceneRun:
 
     # -- chunks ----------------------------------------------------------------------------
 
-    def detect_all(self, plan: ScenePlan) -> tuple[str | None, bool]:
-        """Every chunk read and detected: ``(None, False)``, else why the scene fails and
-        whether that is the run's stall."""
+    def detect_all(self, plan: ScenePlan) -> str | None:
+        """Every chunk read and detected: ``None``, else why the scene fails (and
+        :attr:`stop` says whether that ends the run)."""
         spec = self.setup.spec
         how = SceneReads.of(self.scene_id, self.scene["uri"], plan.info, spec.tiling)
         step = spec.tiling.tiles_per_read_task
@@ -238,12 +241,11 @@ class SceneRun:
                 self.worker.calls.want(self.order, bool(self.read))
                 error = self.collect(plan.tiles)
                 if error is not None:
-                    return error, False
+                    return error
                 if self.worker.stalled():
-                    return self.lost(
-                        plan.tiles, stall_reason(self.setup.spec.detect.stall_timeout_s)
-                    ), True
-            return None, False
+                    self.stop = stall_reason(self.setup.spec.detect.stall_timeout_s)
+                    return self.lost(plan.tiles, self.stop)
+            return None
         finally:
             self.worker.reads.want(self.order, False)
             self.worker.calls.want(self.order, False)
@@ -269,6 +271,10 @@ class SceneRun:
             except RayTaskError as failure:
                 cause = failure.cause
                 error = str(cause) if isinstance(cause, ReadFailed) else self.lost(tiles, failure)
+            except RayActorError as failure:
+                if failure.actor_init_failed:  # dead for good: every scene would fail on it
+                    self.stop = could_not_start("a detector", failure)
+                error = self.lost(tiles, self.stop or failure)
             except RayError as failure:  # a read whose workers died past its retries
                 error = self.lost(tiles, failure)
             self.worker.call_back(chunk.detector, 0 if error else chunk.tiles)
@@ -300,7 +306,7 @@ class SceneRun:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def failed(self, error: str, tiles: int, stalled: bool = False) -> SceneResult:
+    def failed(self, error: str, tiles: int) -> SceneResult:
         """Record the scene as failed in the ledger; its outcome for the driver."""
         error = redact_text(error)
         record = failed_record(self.scene_id, self.scene["identity"], self.setup.common, error)
@@ -308,4 +314,4 @@ class SceneRun:
         outcome = SceneOutcome(
             self.scene_id, redact_uri(self.scene["uri"]), "failed", tiles, error=error
         )
-        return SceneResult(outcome, self.tiles_back, stalled)
+        return SceneResult(outcome, self.tiles_back, self.stop)
