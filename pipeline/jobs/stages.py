@@ -212,6 +212,9 @@ class DeathLog:
 
     def end(self) -> None:
         state = self._load()
+        if not state["deaths"]:  # nothing to remember: no file is left behind the run
+            self.path.unlink(missing_ok=True)
+            return
         state["running"] = None
         self._save(state)
 
