@@ -158,8 +158,8 @@ def synthetic_scene(workdir: Path, size: int, tile: int) -> Path:
 def cpu_job(
     scene: Path, workdir: Path, backbone: str, tile: int, batch: int, overlap: int = 64
 ) -> JobSpec:
-    """The job on this machine's cores: one actor using every core's threads, one CPU left
-    to the repartition and read tasks (jobs.run.REPARTITION_TASK_CPUS)."""
+    """The job on this machine's cores: one actor using every core's threads, reserving one
+    CPU less than the machine has, so the read and merge tasks can always be scheduled."""
     threads = os.cpu_count() or 1
     return parse_job(
         {

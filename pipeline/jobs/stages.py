@@ -42,18 +42,22 @@ READ_TASK_CPUS = 0.5
 READ_TASK_RETRIES = 3
 
 
+def _message_lines(error: BaseException) -> list[str]:
+    return [line.strip() for line in str(error).splitlines() if line.strip()] or [
+        type(error).__name__
+    ]
+
+
 def first_line(error: BaseException, limit: int = 500) -> str:
     """The message of a (Ray-wrapped) error without its traceback."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    return _message_lines(error)[0][:limit]
 
 
 def could_not_start(what: str, error: BaseException) -> str:
     """Why an actor whose constructor raised is dead for good (Ray restarts a lost process,
     not a constructor's error): that error, the last line of its traceback (Ray's first line
     only names the actor)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{what} could not start: {lines[-1][:500] if lines else type(error).__name__}"
+    return f"{what} could not start: {_message_lines(error)[-1][:500]}"
 
 
 def stall_reason(stall_s: float) -> str:
